@@ -1,0 +1,126 @@
+"""Build llama-server from the llama.cpp source in a pinned PyPI sdist, once.
+
+The binary is cached outside the repository, keyed by source version and build
+flags, so later runs find it in milliseconds. Prints the binary's path on the
+last line of stdout. `LLAMA_SERVER_PATH` or a `llama-server` on PATH skips it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+SDIST_NAME = "llama-cpp-python"
+SDIST_VERSION = "0.3.36"
+CACHE_ROOT = Path(os.environ.get("AILAB_BUILD_CACHE", Path.home() / ".cache" / "ailab"))
+
+
+def log(message: str) -> None:
+    print(f"[build-llama-server] {message}", file=sys.stderr, flush=True)
+
+
+def gpu_present() -> bool:
+    """CUDA is only worth building when a compiler *and* a GPU are there."""
+    if not shutil.which("nvcc") or not shutil.which("nvidia-smi"):
+        return False
+    probe = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
+    return probe.returncode == 0 and "GPU" in probe.stdout
+
+
+def cmake_flags(cuda: bool) -> list[str]:
+    flags = [
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DBUILD_SHARED_LIBS=OFF",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_SERVER=ON",
+        "-DLLAMA_BUILD_UI=OFF",
+        # The prebuilt web UI would be fetched from the internet; we never want that.
+        "-DLLAMA_USE_PREBUILT_UI=OFF",
+        "-DLLAMA_OPENSSL=OFF",
+        "-DGGML_NATIVE=ON",
+    ]
+    if cuda:
+        flags.append("-DGGML_CUDA=ON")
+    return flags
+
+
+def cache_dir_for(flags: list[str]) -> Path:
+    digest = hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12]
+    return CACHE_ROOT / "llama-server" / f"{SDIST_VERSION}-{digest}"
+
+
+def fetch_source(workdir: Path) -> Path:
+    """Download the pinned sdist from PyPI (or reuse a cached one) and unpack it."""
+    sdist_dir = CACHE_ROOT / "sdist"
+    archives = sorted(sdist_dir.glob(f"llama_cpp_python-{SDIST_VERSION}.tar.gz"))
+    if not archives:
+        log(f"downloading {SDIST_NAME}=={SDIST_VERSION} source from PyPI")
+        sdist_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             "--no-build-isolation", f"{SDIST_NAME}=={SDIST_VERSION}", "-d", str(sdist_dir)],
+            check=True,
+        )
+        archives = sorted(sdist_dir.glob(f"llama_cpp_python-{SDIST_VERSION}.tar.gz"))
+    log(f"unpacking {archives[0].name}")
+    with tarfile.open(archives[0]) as archive:
+        archive.extractall(workdir, filter="data")
+    return workdir / f"llama_cpp_python-{SDIST_VERSION}" / "vendor" / "llama.cpp"
+
+
+def build(source: Path, build_dir: Path, flags: list[str]) -> Path:
+    jobs = str(os.cpu_count() or 2)
+    log("configuring: cmake " + " ".join(flags))
+    subprocess.run(["cmake", "-S", str(source), "-B", str(build_dir), *flags], check=True,
+                   stdout=subprocess.DEVNULL)
+    log(f"compiling llama-server with {jobs} jobs (about 8 minutes on 2 cores)")
+    # cmake prints "[ NN%] Building ..." lines: they are the progress display.
+    subprocess.run(["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", jobs],
+                   check=True, stdout=sys.stderr)
+    return build_dir / "bin" / "llama-server"
+
+
+def ensure_llama_server(cuda: bool) -> Path:
+    flags = cmake_flags(cuda)
+    target = cache_dir_for(flags)
+    binary = target / "llama-server"
+    if binary.exists():
+        return binary
+    with tempfile.TemporaryDirectory(prefix="ailab-llama-build-") as tmp:
+        source = fetch_source(Path(tmp))
+        built = build(source, Path(tmp) / "build", flags)
+        staging = target.with_suffix(".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        shutil.copy2(built, staging / "llama-server")
+        shutil.copytree(source / "models" / "templates", staging / "templates")
+        (staging / "FLAGS").write_text(" ".join(flags) + "\n")
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)  # atomic: a half-built cache entry is never seen
+    return binary
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--cuda", choices=["auto", "on", "off"],
+                        default=os.environ.get("AILAB_CUDA", "auto"))
+    args = parser.parse_args()
+    override = os.environ.get("LLAMA_SERVER_PATH") or shutil.which("llama-server")
+    if override:
+        print(override)
+        return 0
+    cuda = args.cuda == "on" or (args.cuda == "auto" and gpu_present())
+    print(ensure_llama_server(cuda))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
