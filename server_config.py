@@ -227,7 +227,9 @@ def _load_extra_models(settings: Settings) -> dict[str, dict[str, Any]]:
     try:
         entries = json.loads(settings.extra_models_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"AILAB_EXTRA_MODELS: cannot read {settings.extra_models_file}: {exc}")
+        raise ConfigError(
+            f"AILAB_EXTRA_MODELS: cannot read {settings.extra_models_file}: {exc}"
+        ) from None
     if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
         raise ConfigError("AILAB_EXTRA_MODELS must hold a JSON object of model key -> entry")
     for key, entry in entries.items():

@@ -65,8 +65,19 @@ def fetch_source(workdir: Path) -> Path:
         log(f"downloading {SDIST_NAME}=={SDIST_VERSION} source from PyPI")
         sdist_dir.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             "--no-build-isolation", f"{SDIST_NAME}=={SDIST_VERSION}", "-d", str(sdist_dir)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--no-build-isolation",
+                f"{SDIST_NAME}=={SDIST_VERSION}",
+                "-d",
+                str(sdist_dir),
+            ],
             check=True,
         )
         archives = sorted(sdist_dir.glob(f"llama_cpp_python-{SDIST_VERSION}.tar.gz"))
@@ -79,12 +90,18 @@ def fetch_source(workdir: Path) -> Path:
 def build(source: Path, build_dir: Path, flags: list[str]) -> Path:
     jobs = str(os.cpu_count() or 2)
     log("configuring: cmake " + " ".join(flags))
-    subprocess.run(["cmake", "-S", str(source), "-B", str(build_dir), *flags], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["cmake", "-S", str(source), "-B", str(build_dir), *flags],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     log(f"compiling llama-server with {jobs} jobs (about 8 minutes on 2 cores)")
     # cmake prints "[ NN%] Building ..." lines: they are the progress display.
-    subprocess.run(["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", jobs],
-                   check=True, stdout=sys.stderr)
+    subprocess.run(
+        ["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", jobs],
+        check=True,
+        stdout=sys.stderr,
+    )
     return build_dir / "bin" / "llama-server"
 
 
@@ -110,8 +127,9 @@ def ensure_llama_server(cuda: bool) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--cuda", choices=["auto", "on", "off"],
-                        default=os.environ.get("AILAB_CUDA", "auto"))
+    parser.add_argument(
+        "--cuda", choices=["auto", "on", "off"], default=os.environ.get("AILAB_CUDA", "auto")
+    )
     args = parser.parse_args()
     override = os.environ.get("LLAMA_SERVER_PATH") or shutil.which("llama-server")
     if override:

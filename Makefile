@@ -1,0 +1,38 @@
+# One-command set-up: `make run` serves, `make test` runs the suite. Both are idempotent.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The build script prints the cached binary's path (building it once if needed).
+LLAMA := $${LLAMA_SERVER_PATH:-$$($(PY) scripts/build_llama_server.py)}
+
+.PHONY: setup run test lint format bench models llama-server clean-data
+
+setup: $(VENV)/.installed models llama-server
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+models: $(VENV)/.installed
+	$(PY) scripts/fetch_models.py
+
+llama-server: $(VENV)/.installed
+	@$(PY) scripts/build_llama_server.py
+
+run: setup
+	LLAMA_SERVER_PATH="$(LLAMA)" $(PY) ai_server.py
+
+test: setup
+	LLAMA_SERVER_PATH="$(LLAMA)" $(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: setup
+	LLAMA_SERVER_PATH="$(LLAMA)" $(PY) bench/gateway_bench.py $(BENCH_ARGS)

@@ -1,0 +1,187 @@
+"""Pydantic models for every request and response of the gateway's own API."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class ChatMessage(BaseModel):
+    """An OpenAI-style chat message; unknown fields are kept so nothing is lost."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+class NamedToolChoice(BaseModel):
+    class Function(BaseModel):
+        name: str
+
+    type: Literal["function"]
+    function: Function
+
+
+ToolChoice = Literal["auto", "none", "required"] | NamedToolChoice
+
+
+class ChatRequest(BaseModel):
+    messages: list[ChatMessage] = Field(
+        ..., description="New messages (or the whole history); an empty list resets."
+    )
+    conversation_id: str = Field("default", min_length=1, max_length=200)
+    system_prompt: str | None = None
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    max_tokens: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=0)
+    repeat_penalty: float | None = Field(None, gt=0.0, le=5.0)
+    enable_tools: bool = False
+    stream: bool = False
+    tool_choice: ToolChoice = "auto"
+
+    @field_validator("conversation_id")
+    @classmethod
+    def printable_id(cls, value: str) -> str:
+        if not value.isprintable() or "/" in value:
+            raise ValueError("conversation_id must be printable and contain no '/'")
+        return value
+
+
+class ApprovalRequest(BaseModel):
+    conversation_id: str = "default"
+    approval_id: str
+    approve: bool
+    stream: bool = False
+
+
+class ToolCallRecord(BaseModel):
+    id: str
+    name: str
+    arguments: dict[str, Any] | str
+    result: dict[str, Any] | None = None
+
+
+class PendingApprovalInfo(BaseModel):
+    approval_id: str
+    tool: str
+    arguments: dict[str, Any] | str
+    description: str
+
+
+class ChatResponse(BaseModel):
+    response: str
+    conversation_id: str
+    model_key: str | None
+    tokens_input: int
+    tokens_generated: int
+    tokens_total: int
+    generation_time: float
+    tokens_per_second: float
+    device: str
+    tools_used: list[str]
+    tool_calls: list[ToolCallRecord]
+    iterations: int
+    tool_cap_hit: bool
+    trimmed_messages: int
+    finish_reason: str | None
+    pending_approval: PendingApprovalInfo | None = None
+
+
+class DownloadInfo(BaseModel):
+    repo_id: str
+    filename: str | None
+    downloaded_bytes: int
+    total_bytes: int | None
+    percent: float | None
+    done: bool
+    error: str | None
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "loading", "restarting", "error"]
+    model_key: str | None
+    model_name: str | None
+    device: str
+    pid: int | None
+    restarts: int
+    uptime_s: float | None
+    message: str | None
+    download: DownloadInfo | None
+    n_ctx: int
+    parallel: int
+
+
+class ModelInfo(BaseModel):
+    key: str
+    name: str
+    description: str | None
+    exists: bool
+    size_bytes: int | None
+    is_finetuned: bool
+    recommended: bool
+    current: bool
+    context_length: int | None
+    hf_repo: str | None
+    usage: str | None
+    base_model: str | None
+
+
+class ModelsResponse(BaseModel):
+    current: str | None
+    models: list[ModelInfo]
+
+
+class SwitchRequest(BaseModel):
+    model_key: str = Field(..., min_length=1)
+
+
+class SwitchResponse(BaseModel):
+    status: Literal["ok"]
+    model_key: str
+    previous_model_key: str | None
+    load_time_s: float
+    message: str
+
+
+class CommandRequest(BaseModel):
+    command: str
+    value: str | None = None
+    conversation_id: str = "default"
+
+
+class CommandResponse(BaseModel):
+    status: Literal["ok"]
+    command: str
+    message: str
+    value: Any = None
+
+
+class StatusResponse(BaseModel):
+    status: Literal["ok"]
+
+
+class ConversationSummaryOut(BaseModel):
+    id: str
+    title: str | None
+    message_count: int
+    created_at: str
+    updated_at: str
+
+
+class ConversationsResponse(BaseModel):
+    conversations: list[ConversationSummaryOut]
+
+
+class ConversationResponse(BaseModel):
+    id: str
+    messages: list[dict[str, Any]]
+
+
+class AuditResponse(BaseModel):
+    records: list[dict[str, Any]]

@@ -1,0 +1,464 @@
+"""The agent loop: model call, tool calls, tool results, again; as a stream of events.
+
+``/chat`` (streamed or not) and ``/chat/approve`` all consume ``ChatEngine.run``. It
+yields ``(event, data)`` pairs: ``delta``, ``tool_call``, ``tool_result``,
+``approval_required``, ``done``. Failures raise; the caller turns them into an HTTP
+error or an SSE ``error`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+import tools
+import upstream
+from storage import AsyncStore, AuditRecord, PendingApproval
+from token_budget import Message, TokenCounter, fit_messages
+
+Event = tuple[str, dict[str, Any]]
+
+
+@dataclass
+class TurnOptions:
+    """What one request asked for, resolved against the server's defaults."""
+
+    conversation_id: str
+    system_prompt: str
+    sampling: dict[str, Any]
+    tools_enabled: bool
+    tool_choice: str | dict[str, Any]
+    stream: bool
+
+    @property
+    def forced_tool(self) -> str | None:
+        if isinstance(self.tool_choice, dict):
+            return str(self.tool_choice["function"]["name"])
+        return None
+
+
+@dataclass
+class TurnStats:
+    """What one turn has done so far; kept in a pending approval to resume later."""
+
+    tokens_input: int = 0
+    tokens_generated: int = 0
+    model_time_s: float = 0.0
+    predicted_ms: float = 0.0
+    iterations: int = 0
+    tools_used: list[str] = field(default_factory=list)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    trimmed_messages: int = 0
+    finish_reason: str | None = None
+    tool_cap_hit: bool = False
+    content: str = ""
+
+    def add_usage(self, reply: dict[str, Any], elapsed_s: float) -> None:
+        usage = reply.get("usage") or {}
+        self.tokens_input += int(usage.get("prompt_tokens") or 0)
+        self.tokens_generated += int(usage.get("completion_tokens") or 0)
+        self.predicted_ms += float((reply.get("timings") or {}).get("predicted_ms") or 0.0)
+        self.model_time_s += elapsed_s
+
+    def summary(self) -> dict[str, Any]:
+        seconds = self.predicted_ms / 1000 or self.model_time_s
+        return {
+            "response": self.content,
+            "tokens_input": self.tokens_input,
+            "tokens_generated": self.tokens_generated,
+            "tokens_total": self.tokens_input + self.tokens_generated,
+            "generation_time": round(self.model_time_s, 3),
+            "tokens_per_second": round(self.tokens_generated / seconds, 2) if seconds else 0.0,
+            "tools_used": self.tools_used,
+            "tool_calls": self.tool_calls,
+            "iterations": self.iterations,
+            "tool_cap_hit": self.tool_cap_hit,
+            "trimmed_messages": self.trimmed_messages,
+            "finish_reason": self.finish_reason,
+        }
+
+
+@dataclass
+class ModelReply:
+    message: Message
+    finish_reason: str | None
+
+
+class ChatEngine:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        store: AsyncStore,
+        llama_url: str,
+        max_iterations: int,
+        approval_policy: str,
+    ) -> None:
+        self.http = http
+        self.store = store
+        self.llama_url = llama_url
+        self.max_iterations = max_iterations
+        self.approval_policy = approval_policy
+        self.counter = TokenCounter(self._tokenize)
+
+    async def _tokenize(self, text: str) -> int:
+        body = await upstream.post_json(
+            self.http, f"{self.llama_url}/tokenize", {"content": text, "add_special": False}
+        )
+        return len(body.get("tokens", []))
+
+    # --- the loop ------------------------------------------------------------------
+
+    async def run(self, opts: TurnOptions, stats: TurnStats, budget: int) -> AsyncIterator[Event]:
+        """Call the model until it answers without tool calls, or the cap is reached."""
+        while True:
+            history = await self.store.get_messages(opts.conversation_id)
+            system, schemas = self._prompt_parts(opts)
+            fixed = system + (json.dumps(schemas) if schemas else "")
+            kept, trimmed = await fit_messages(history, fixed, budget, self.counter)
+            stats.trimmed_messages = max(stats.trimmed_messages, trimmed)
+            messages = [{"role": "system", "content": system}, *kept]
+            forced = opts.forced_tool if stats.iterations == 0 else None
+            stats.iterations += 1
+            reply = ModelReply({}, None)
+            async for event in self._call_model(opts, messages, schemas, forced, stats, reply):
+                yield event
+            stats.finish_reason = reply.finish_reason
+            await self.store.append_messages(opts.conversation_id, [reply.message])
+            calls = reply.message.get("tool_calls") or []
+            stats.content = reply.message.get("content") or ""
+            if not calls:
+                break
+            pending: dict[str, Any] | None = None
+            async for event in self.run_tool_calls(opts, stats, calls):
+                pending = event[1] if event[0] == "approval_required" else pending
+                yield event
+            if pending:
+                yield "done", {**stats.summary(), "pending_approval": pending}
+                return
+            if stats.iterations >= self.max_iterations:
+                stats.tool_cap_hit = True
+                break
+        yield "done", stats.summary()
+
+    def _prompt_parts(self, opts: TurnOptions) -> tuple[str, list[dict[str, Any]] | None]:
+        if not opts.tools_enabled or opts.tool_choice == "none":
+            return opts.system_prompt, None
+        return opts.system_prompt, tools.get_available_tools()
+
+    # --- one model call --------------------------------------------------------------
+
+    def _payload(
+        self,
+        opts: TurnOptions,
+        messages: list[Message],
+        schemas: list[dict[str, Any]] | None,
+        first_call: bool,
+    ) -> dict[str, Any]:
+        payload: dict[str, Any] = {"messages": messages, **opts.sampling}
+        if schemas:
+            payload["tools"] = schemas
+            choice = opts.tool_choice if first_call else "auto"
+            payload["tool_choice"] = choice if isinstance(choice, str) else "auto"
+        if opts.stream:
+            payload["stream"] = True
+            payload["stream_options"] = {"include_usage": True}
+        return payload
+
+    async def _call_model(
+        self,
+        opts: TurnOptions,
+        messages: list[Message],
+        schemas: list[dict[str, Any]] | None,
+        forced: str | None,
+        stats: TurnStats,
+        reply: ModelReply,
+    ) -> AsyncIterator[Event]:
+        started = time.perf_counter()
+        if forced:
+            body = await self._forced_call(opts, messages, forced)
+        elif opts.stream:
+            payload = self._payload(opts, messages, schemas, stats.iterations == 1)
+            body = {}
+            async for event in self._stream_call(payload, body):
+                yield event
+        else:
+            payload = self._payload(opts, messages, schemas, stats.iterations == 1)
+            body = await upstream.post_json(
+                self.http, f"{self.llama_url}/v1/chat/completions", payload
+            )
+        stats.add_usage(body, time.perf_counter() - started)
+        choice = (body.get("choices") or [{}])[0]
+        message = choice.get("message") or {}
+        reply.message = _clean_assistant_message(message)
+        reply.finish_reason = choice.get("finish_reason")
+
+    async def _forced_call(self, opts: TurnOptions, messages: list[Message], name: str) -> dict:
+        """llama-server rejects a named tool_choice, so ask for that function's arguments
+        under its JSON schema and build the tool call here."""
+        schema = next(
+            (t["function"] for t in tools.get_available_tools() if t["function"]["name"] == name),
+            None,
+        )
+        if schema is None:
+            raise upstream.UpstreamError(f"tool_choice names an unknown tool {name!r}", 400)
+        instruction = (
+            f"Call the function `{name}` ({schema.get('description', '')}). "
+            "Reply with its arguments as a JSON object only."
+        )
+        payload: dict[str, Any] = {
+            **opts.sampling,
+            "messages": [*messages, {"role": "user", "content": instruction}],
+            "response_format": {"type": "json_object", "schema": schema["parameters"]},
+        }
+        body = await upstream.post_json(self.http, f"{self.llama_url}/v1/chat/completions", payload)
+        choice = (body.get("choices") or [{}])[0]
+        arguments = (choice.get("message") or {}).get("content") or "{}"
+        call = {
+            "id": f"call_{uuid.uuid4().hex[:16]}",
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }
+        choice["message"] = {"role": "assistant", "content": None, "tool_calls": [call]}
+        choice["finish_reason"] = "tool_calls"
+        body["choices"] = [choice]
+        return body
+
+    async def _stream_call(
+        self, payload: dict[str, Any], body: dict[str, Any]
+    ) -> AsyncIterator[Event]:
+        """Stream one completion, yielding content deltas and filling ``body`` like a
+        non-streamed response (message, finish_reason, usage, timings)."""
+        request = self.http.build_request(
+            "POST", f"{self.llama_url}/v1/chat/completions", json=payload
+        )
+        content: list[str] = []
+        calls: dict[int, dict[str, Any]] = {}
+        finish: str | None = None
+        try:
+            async with upstream.stream(self.http, request) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise upstream.UpstreamError(
+                        f"llama-server: {upstream.error_message(response)}",
+                        response.status_code if response.status_code < 500 else 502,
+                    )
+                async for chunk in _sse_json(response):
+                    for key in ("usage", "timings"):
+                        if chunk.get(key):
+                            body[key] = chunk[key]
+                    for choice in chunk.get("choices") or []:
+                        delta = choice.get("delta") or {}
+                        if delta.get("content"):
+                            content.append(delta["content"])
+                            yield "delta", {"content": delta["content"]}
+                        _merge_tool_call_deltas(calls, delta.get("tool_calls") or [])
+                        finish = choice.get("finish_reason") or finish
+        except httpx.HTTPError as exc:
+            raise upstream.UpstreamError(f"llama-server stream failed: {exc}", 502) from exc
+        message: Message = {"role": "assistant", "content": "".join(content) or None}
+        if calls:
+            message["tool_calls"] = [calls[index] for index in sorted(calls)]
+        body["choices"] = [{"message": message, "finish_reason": finish}]
+
+    # --- tools -------------------------------------------------------------------------
+
+    async def run_tool_calls(
+        self, opts: TurnOptions, stats: TurnStats, calls: list[dict[str, Any]]
+    ) -> AsyncIterator[Event]:
+        """Run a turn's tool calls: independent ones concurrently, stopping before the
+        first that needs a person's approval."""
+        for call in calls:
+            yield "tool_call", _call_event(call)
+        index = 0
+        while index < len(calls):
+            batch: list[dict[str, Any]] = []
+            while index < len(calls) and not self._needs_asking(calls[index]):
+                batch.append(calls[index])
+                index += 1
+            if batch:
+                results = await asyncio.gather(
+                    *(self._execute(opts, stats, call, approval=None) for call in batch)
+                )
+                for event in results:
+                    yield event
+            if index < len(calls):
+                yield await self._pause_for_approval(opts, stats, calls[index:])
+                return
+
+    def _needs_asking(self, call: dict[str, Any]) -> bool:
+        name, arguments = _call_parts(call)
+        return self.approval_policy == "ask" and tools.approval_needed(name, arguments)
+
+    async def _execute(
+        self, opts: TurnOptions, stats: TurnStats, call: dict[str, Any], approval: bool | None
+    ) -> Event:
+        """Run (or, when refused, answer for) one tool call and store its result."""
+        name, arguments = _call_parts(call)
+        started = time.perf_counter()
+        if approval is False:
+            result = {"status": "error", "error": "The user declined this operation."}
+        else:
+            result = await asyncio.to_thread(
+                tools.execute_tool, name, arguments, approved=bool(approval)
+            )
+        duration_ms = (time.perf_counter() - started) * 1000
+        await self.store.append_messages(
+            opts.conversation_id,
+            [
+                {
+                    "role": "tool",
+                    "tool_call_id": call.get("id", ""),
+                    "name": name,
+                    "content": tools.format_result_for_model(result),
+                }
+            ],
+        )
+        await self.store.record_tool_call(
+            AuditRecord(
+                conversation_id=opts.conversation_id,
+                tool=name,
+                arguments=arguments,
+                status=result.get("status", "error") if approval is not False else "refused",
+                duration_ms=duration_ms,
+                approval=_approval_label(approval, self.approval_policy, name, arguments),
+                error=result.get("error"),
+            )
+        )
+        stats.tools_used.append(tools.describe_call(name, arguments))
+        stats.tool_calls.append(
+            {"id": call.get("id", ""), "name": name, "arguments": arguments, "result": result}
+        )
+        return "tool_result", {"id": call.get("id", ""), "name": name, "result": result}
+
+    async def _pause_for_approval(
+        self, opts: TurnOptions, stats: TurnStats, remaining: list[dict[str, Any]]
+    ) -> Event:
+        name, arguments = _call_parts(remaining[0])
+        pending = PendingApproval(
+            approval_id=uuid.uuid4().hex[:12],
+            conversation_id=opts.conversation_id,
+            tool_call_id=remaining[0].get("id", ""),
+            tool=name,
+            arguments=arguments if isinstance(arguments, dict) else {"raw": arguments},
+            description=tools.describe_call(name, arguments),
+            state={"remaining": remaining, "stats": stats.__dict__, "options": opts.__dict__},
+        )
+        await self.store.save_pending_approval(pending)
+        info = {
+            "approval_id": pending.approval_id,
+            "tool": name,
+            "arguments": arguments,
+            "description": pending.description,
+        }
+        stats.content = ""
+        return "approval_required", info
+
+    async def resume(
+        self, pending: PendingApproval, approve: bool, stream: bool, budget: int
+    ) -> AsyncIterator[Event]:
+        """Continue a paused loop: the decided call, the rest of its turn, then the model."""
+        opts = TurnOptions(**{**pending.state["options"], "stream": stream})
+        stats = TurnStats(**pending.state["stats"])
+        remaining: list[dict[str, Any]] = pending.state["remaining"]
+        await self.store.delete_pending_approval(pending.conversation_id, pending.approval_id)
+        yield await self._execute(opts, stats, remaining[0], approval=approve)
+        pending_next: dict[str, Any] | None = None
+        if remaining[1:]:
+            async for event in self.run_tool_calls(opts, stats, remaining[1:]):
+                pending_next = event[1] if event[0] == "approval_required" else pending_next
+                yield event
+        if pending_next:
+            yield "done", {**stats.summary(), "pending_approval": pending_next}
+            return
+        if stats.iterations >= self.max_iterations:
+            stats.tool_cap_hit = True
+            yield "done", stats.summary()
+            return
+        async for event in self.run(opts, stats, budget):
+            yield event
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _clean_assistant_message(message: dict[str, Any]) -> Message:
+    cleaned: Message = {"role": "assistant", "content": message.get("content")}
+    if message.get("tool_calls"):
+        cleaned["tool_calls"] = [
+            {
+                "id": call.get("id") or f"call_{uuid.uuid4().hex[:16]}",
+                "type": "function",
+                "function": {
+                    "name": (call.get("function") or {}).get("name", ""),
+                    "arguments": (call.get("function") or {}).get("arguments", "{}"),
+                },
+            }
+            for call in message["tool_calls"]
+        ]
+    return cleaned
+
+
+def _merge_tool_call_deltas(calls: dict[int, dict[str, Any]], deltas: list[dict]) -> None:
+    for delta in deltas:
+        entry = calls.setdefault(
+            int(delta.get("index", 0)),
+            {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
+        )
+        entry["id"] = delta.get("id") or entry["id"]
+        function = delta.get("function") or {}
+        entry["function"]["name"] += function.get("name") or ""
+        arguments = function.get("arguments") or ""
+        entry["function"]["arguments"] += (
+            arguments if isinstance(arguments, str) else json.dumps(arguments)
+        )
+
+
+def _call_parts(call: dict[str, Any]) -> tuple[str, dict[str, Any] | str]:
+    function = call.get("function") or {}
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments) if arguments.strip() else {}
+            arguments = parsed if isinstance(parsed, dict) else arguments
+        except json.JSONDecodeError:
+            pass  # left as a string: execute_tool answers with a readable error
+    return str(function.get("name", "")), arguments
+
+
+def _call_event(call: dict[str, Any]) -> dict[str, Any]:
+    name, arguments = _call_parts(call)
+    return {"id": call.get("id", ""), "name": name, "arguments": arguments}
+
+
+def _approval_label(approval: bool | None, policy: str, name: str, arguments: Any) -> str:
+    if approval is True:
+        return "approved"
+    if approval is False:
+        return "denied"
+    if not tools.approval_needed(name, arguments):
+        return "not_needed"
+    return "auto" if policy == "auto" else "policy_denied"
+
+
+async def _sse_json(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        try:
+            chunk = json.loads(data)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(chunk, dict) and chunk.get("error"):
+            raise upstream.UpstreamError(f"llama-server: {chunk['error']}", 502)
+        if isinstance(chunk, dict):
+            yield chunk

@@ -1,0 +1,194 @@
+"""`POST /command`: one small handler per command, looked up in a table.
+
+A handler takes the gateway, the value (None means "get") and the conversation id, and
+returns (message, value). A bad value raises CommandError, which becomes a 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import psutil
+
+import model_bench
+import tools
+from gateway import Gateway
+from token_budget import message_text
+
+CommandResult = tuple[str, Any]
+Handler = Callable[[Gateway, str | None, str], Awaitable[CommandResult]]
+
+
+class CommandError(ValueError):
+    """A command got a value it cannot use; the message says what is accepted."""
+
+
+def _parse_int(value: str, what: str, minimum: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise CommandError(f"{what} must be an integer, got {value!r}") from None
+    if number < minimum:
+        raise CommandError(f"{what} must be at least {minimum}, got {number}")
+    return number
+
+
+async def system_command(gw: Gateway, value: str | None, _: str) -> CommandResult:
+    if value is None:
+        return f"System prompt: {gw.system_prompt}", gw.system_prompt
+    if not value.strip():
+        raise CommandError("the system prompt cannot be empty")
+    gw.system_prompt = value
+    await gw.store.set_setting("system_prompt", value)
+    return "System prompt updated", value
+
+
+async def layers_command(gw: Gateway, value: str | None, _: str) -> CommandResult:
+    if value is None:
+        layers = gw.manager.n_gpu_layers
+        return f"GPU layers: {layers} ({gw.manager.device})", layers
+    layers = _parse_int(value, "layers", -1)
+    old = gw.manager.n_gpu_layers
+    gw.manager.n_gpu_layers = layers
+    try:
+        await gw.restart_llama()
+    except Exception:
+        gw.manager.n_gpu_layers = old
+        raise
+    return f"GPU layers set to {layers}; llama-server restarted ({gw.manager.device})", layers
+
+
+async def ctx_command(gw: Gateway, value: str | None, _: str) -> CommandResult:
+    if value is None:
+        return f"Context size: {gw.manager.n_ctx} tokens", gw.manager.n_ctx
+    size = _parse_int(value, "ctx", 256)
+    old = gw.manager.n_ctx_limit
+    gw.manager.n_ctx_limit = size
+    try:
+        await gw.restart_llama()
+    except Exception:
+        gw.manager.n_ctx_limit = old
+        raise
+    return f"Context size set to {gw.manager.n_ctx}; llama-server restarted", gw.manager.n_ctx
+
+
+def _memory_snapshot(llama_pid: int | None) -> dict[str, Any]:
+    mb = 1024 * 1024
+    llama_rss = None
+    if llama_pid:
+        try:
+            llama_rss = round(psutil.Process(llama_pid).memory_info().rss / mb, 1)
+        except psutil.Error:
+            llama_rss = None
+    system = psutil.virtual_memory()
+    return {
+        "gateway_rss_mb": round(psutil.Process(os.getpid()).memory_info().rss / mb, 1),
+        "llama_rss_mb": llama_rss,
+        "system_total_mb": round(system.total / mb),
+        "system_available_mb": round(system.available / mb),
+        "gpu": None,
+    }
+
+
+async def mem_command(gw: Gateway, value: str | None, _: str) -> CommandResult:
+    snapshot = await asyncio.to_thread(_memory_snapshot, gw.manager.pid)
+    message = (
+        f"gateway {snapshot['gateway_rss_mb']} MB, llama-server {snapshot['llama_rss_mb']} MB, "
+        f"system {snapshot['system_available_mb']} of {snapshot['system_total_mb']} MB free"
+    )
+    return message, snapshot
+
+
+async def tools_command(gw: Gateway, value: str | None, _: str) -> CommandResult:
+    if value is not None:
+        if value.lower() not in {"on", "off"}:
+            raise CommandError(f"tools takes 'on' or 'off', got {value!r}")
+        gw.tools_enabled = value.lower() == "on"
+        await gw.store.set_setting("tools_enabled", gw.tools_enabled)
+    state = "on" if gw.tools_enabled else "off"
+    return f"Tools are {state} ({len(tools.tool_names())} available)", gw.tools_enabled
+
+
+async def history_command(gw: Gateway, value: str | None, conversation_id: str) -> CommandResult:
+    messages = await gw.store.get_messages(conversation_id)
+    tokens = 0
+    if gw.manager.health_status == "ok":
+        tokens = sum([await gw.engine.counter.count(message_text(m)) for m in messages])
+    return (
+        f"Conversation {conversation_id!r}: {len(messages)} messages, about {tokens} tokens",
+        {"messages": len(messages), "tokens": tokens},
+    )
+
+
+async def reset_command(gw: Gateway, value: str | None, conversation_id: str) -> CommandResult:
+    await gw.store.reset_conversation(conversation_id)
+    return f"Conversation {conversation_id!r} cleared", None
+
+
+async def model_command(gw: Gateway, value: str | None, _: str) -> CommandResult:
+    if value is None:
+        key = gw.manager.model.key if gw.manager.model else None
+        return f"Current model: {key}", key
+    previous, seconds = await gw.switch_model(value)
+    return f"Switched from {previous} to {value} in {seconds:.1f} s", value
+
+
+async def roots_command(gw: Gateway, value: str | None, _: str) -> CommandResult:
+    if value is not None:
+        try:
+            tools.set_allowed_roots([p for p in value.split(os.pathsep) if p])
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        await gw.store.set_setting("tool_roots", [str(p) for p in tools.get_allowed_roots()])
+    roots = [str(p) for p in tools.get_allowed_roots()]
+    return "Tool roots: " + os.pathsep.join(roots), roots
+
+
+async def bench_command(gw: Gateway, value: str | None, _: str) -> CommandResult:
+    """Measure the current model (or several, switching between them and back)."""
+    original = gw.manager.model.key if gw.manager.model else None
+    keys = [k.strip() for k in value.split(",") if k.strip()] if value else [original]
+    for key in keys:
+        gw.model_source(str(key))  # unknown keys fail before any switch
+    results = []
+    try:
+        for key in keys:
+            if key != (gw.manager.model.key if gw.manager.model else None):
+                await gw.switch_model(str(key))
+            async with gw.gate.generation():
+                result = await model_bench.measure_model(
+                    gw.http,
+                    gw.settings.llama_base_url,
+                    str(key),
+                    gw.manager.n_gpu_layers,
+                    gw.manager.n_ctx,
+                )
+            results.append(result)
+    finally:
+        if original and gw.manager.model and gw.manager.model.key != original:
+            await gw.switch_model(original)
+    previous = [
+        model_bench.ModelBenchResult.model_validate(row)
+        for row in await gw.store.list_benchmarks(200)
+    ]
+    for result in results:
+        await gw.store.record_benchmark(result.model_dump(mode="json"))
+    table = model_bench.format_bench_table(results, previous)
+    return table, [r.model_dump(mode="json") for r in results]
+
+
+COMMANDS: dict[str, Handler] = {
+    "system": system_command,
+    "layers": layers_command,
+    "ctx": ctx_command,
+    "mem": mem_command,
+    "tools": tools_command,
+    "history": history_command,
+    "reset": reset_command,
+    "model": model_command,
+    "roots": roots_command,
+    "bench": bench_command,
+}

@@ -1,0 +1,206 @@
+"""The gateway's runtime: the supervised llama-server, the store, the engine and the rules
+about who may generate when. The HTTP layer (ai_server.py) only translates to and from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+import server_config
+import tools
+import upstream
+from admission import GenerationGate, KeyedLocks
+from api_models import ChatRequest, ModelInfo
+from chat_engine import ChatEngine, TurnOptions
+from llama_manager import LlamaServerManager, LlamaStartError
+from server_config import GENERATION_DEFAULTS, ModelSource, Settings
+from storage import AsyncStore, merge_messages
+
+log = logging.getLogger("ailab.gateway")
+
+
+class ModelNotFound(LookupError):
+    """No model is registered or discovered under this key."""
+
+
+class ModelFileMissing(FileNotFoundError):
+    """The model is registered but its file is not on disk."""
+
+
+class SwitchFailed(RuntimeError):
+    """The new model failed to load; the message says whether the old one came back."""
+
+
+class Gateway:
+    def __init__(self, settings: Settings, binary: Path) -> None:
+        self.settings = settings
+        self.http = upstream.make_client()
+        self.store = AsyncStore(settings.database_path)
+        self.manager = LlamaServerManager(settings, binary, self.http)
+        self.gate = GenerationGate(settings.parallel + settings.queue_limit, settings.switch_wait_s)
+        self.conversation_locks = KeyedLocks()
+        self.engine = ChatEngine(
+            self.http,
+            self.store,
+            settings.llama_base_url,
+            settings.max_tool_iterations,
+            settings.tool_approval,
+        )
+        self.system_prompt = server_config.DEFAULT_SYSTEM_PROMPT
+        self.tools_enabled = True
+        self._switch_lock = asyncio.Lock()
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        tools.configure(self.settings)
+        self.system_prompt = await self.store.get_setting("system_prompt", self.system_prompt)
+        self.tools_enabled = bool(await self.store.get_setting("tools_enabled", True))
+        saved_roots = await self.store.get_setting("tool_roots")
+        if saved_roots and not self.settings.tool_roots:
+            try:
+                tools.set_allowed_roots(saved_roots)
+            except ValueError as exc:
+                log.warning("ignoring saved tool roots: %s", exc)
+        await self.manager.detect_devices()
+        try:
+            await self.manager.start(self.model_source(self.settings.default_model))
+        except LlamaStartError as exc:
+            # Stay up: /health shows the reason and a switch to another model can fix it.
+            log.error("could not start llama-server: %s", exc)
+
+    async def close(self) -> None:
+        await self.manager.close()
+        await self.http.aclose()
+        await self.store.close()
+
+    # --- models ----------------------------------------------------------------------
+
+    def model_source(self, key: str) -> ModelSource:
+        try:
+            return server_config.get_model_source(self.settings, key)
+        except KeyError:
+            known = ", ".join(sorted(server_config.get_all_models(self.settings)))
+            raise ModelNotFound(f"unknown model {key!r}; known models: {known}") from None
+
+    def list_models(self) -> list[ModelInfo]:
+        """Every model with its file state; called in a worker thread (it stats files)."""
+        current = self.manager.model.key if self.manager.model else None
+        infos = []
+        for key, entry in server_config.get_all_models(self.settings).items():
+            path = server_config.model_path(self.settings, entry)
+            exists = bool(path and path.is_file())
+            infos.append(
+                ModelInfo(
+                    key=key,
+                    name=entry.get("name", key),
+                    description=entry.get("description"),
+                    exists=exists,
+                    size_bytes=path.stat().st_size if exists and path else None,
+                    is_finetuned=bool(entry.get("is_finetuned")),
+                    recommended=bool(entry.get("recommended")),
+                    current=key == current,
+                    context_length=entry.get("context_length"),
+                    hf_repo=entry.get("hf_repo"),
+                    usage=entry.get("usage"),
+                    base_model=entry.get("base_model"),
+                )
+            )
+        return infos
+
+    async def switch_model(self, key: str) -> tuple[str | None, float]:
+        """Swap llama-server to another model once running generations are done.
+
+        Fails fast (before stopping anything) for an unknown key or a missing file; if
+        the new model does not load, the previous one is brought back."""
+        source = await asyncio.to_thread(self.model_source, key)
+        if source.kind != "huggingface" and not (source.path and source.path.is_file()):
+            raise ModelFileMissing(
+                f"model {key!r} has no file at {source.path}; put the GGUF there "
+                "(make models fetches the bundled ones)"
+            )
+        return await self.restart_llama(source)
+
+    async def restart_llama(self, source: ModelSource | None = None) -> tuple[str | None, float]:
+        """Restart llama-server (new model or new settings) under the exclusive gate."""
+        async with self._switch_lock, self.gate.exclusive():
+            previous = self.manager.model
+            started = time.perf_counter()
+            try:
+                await self.manager.restart(source)
+            except LlamaStartError as exc:
+                if previous is None:
+                    raise SwitchFailed(str(exc)) from exc
+                try:
+                    await self.manager.restart(previous)
+                except LlamaStartError as again:
+                    raise SwitchFailed(
+                        f"{exc}; restoring {previous.key} also failed: {again}"
+                    ) from again
+                raise SwitchFailed(f"{exc}; {previous.key} was restored") from exc
+            if source is not None and (previous is None or source.key != previous.key):
+                self.engine.counter.clear()
+            return (previous.key if previous else None), time.perf_counter() - started
+
+    # --- chat ------------------------------------------------------------------------
+
+    def token_budget(self, max_tokens: int) -> int:
+        n_ctx = self.manager.n_ctx
+        if max_tokens >= n_ctx:
+            raise ValueError(
+                f"max_tokens={max_tokens} leaves no room for the conversation in a "
+                f"{n_ctx}-token context; use a smaller max_tokens"
+            )
+        budget = n_ctx - max_tokens
+        if self.settings.max_conversation_tokens:
+            budget = min(budget, self.settings.max_conversation_tokens)
+        return budget
+
+    async def prepare_turn(self, request: ChatRequest) -> TurnOptions | None:
+        """Store the request's new messages; None when it was a reset (empty messages)."""
+        conversation_id = request.conversation_id
+        if not request.messages:
+            await self.store.reset_conversation(conversation_id)
+            return None
+        stored = await self.store.get_messages(conversation_id)
+        incoming = [m.model_dump(exclude_none=True) for m in request.messages]
+        merged = merge_messages(stored, incoming)
+        if not merged.new_messages:
+            raise ValueError("the request holds no new message after the stored history")
+        await self.store.append_messages(conversation_id, merged.new_messages)
+        sampling = {
+            name: getattr(request, name) if getattr(request, name) is not None else default
+            for name, default in GENERATION_DEFAULTS.items()
+        }
+        choice = request.tool_choice
+        return TurnOptions(
+            conversation_id=conversation_id,
+            system_prompt=request.system_prompt or merged.system_prompt or self.system_prompt,
+            sampling=sampling,
+            tools_enabled=request.enable_tools and self.tools_enabled,
+            tool_choice=choice if isinstance(choice, str) else choice.model_dump(),
+            stream=request.stream,
+        )
+
+    def chat_extras(self, conversation_id: str) -> dict[str, Any]:
+        return {
+            "conversation_id": conversation_id,
+            "model_key": self.manager.model.key if self.manager.model else None,
+            "device": self.manager.device,
+        }
+
+    # --- pass-through ----------------------------------------------------------------
+
+    def upstream_request(self, method: str, path: str, body: bytes) -> httpx.Request:
+        return self.http.build_request(
+            method,
+            f"{self.settings.llama_base_url}{path}",
+            content=body,
+            headers={"content-type": "application/json"},
+        )

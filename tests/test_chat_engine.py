@@ -1,0 +1,232 @@
+"""The agent loop's edge cases, driven by a scripted llama-server stand-in.
+
+Each behaviour here also has a test against the real llama-server in test_chat.py; the
+script only makes the rare cases (a model that never stops calling tools, malformed
+calls, an upstream 500, a hang-up mid-stream) happen on demand.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import requests
+from conftest import PROJECT_DIR, GatewayProcess
+
+FAKE = PROJECT_DIR / "tests" / "fake_llama_server.py"
+
+
+def tool_call(name: str, arguments: str, call_id: str = "c1") -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def scripted_gateway(
+    make_gateway, tmp_path: Path, replies: list[dict], **env: str
+) -> GatewayProcess:  # type: ignore[no-untyped-def]
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps(replies))
+    return make_gateway({"LLAMA_SERVER_PATH": str(FAKE), "FAKE_LLAMA_SCRIPT": str(script), **env})
+
+
+def requests_seen(tmp_path: Path) -> list[dict]:
+    log = tmp_path / "script.json.log"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def chat(server: GatewayProcess, text: str, **extra: object) -> requests.Response:
+    body = {"messages": [{"role": "user", "content": text}], "enable_tools": True, **extra}
+    return requests.post(f"{server.url}/chat", json=body, timeout=60)
+
+
+def test_a_model_that_keeps_calling_tools_stops_at_the_cap(make_gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = scripted_gateway(
+        make_gateway,
+        tmp_path,
+        [{"content": None, "tool_calls": [tool_call("get_current_directory", "{}")]}],
+    )
+    body = chat(server, "loop forever").json()
+    assert body["iterations"] == 5
+    assert body["tool_cap_hit"] is True
+    assert body["tools_used"] == ["get_current_directory()"] * 5
+    assert body["tokens_input"] == 50 and body["tokens_generated"] == 25
+    assert len(requests_seen(tmp_path)) == 5
+
+
+def test_malformed_and_unknown_tool_calls_go_back_to_the_model_as_errors(
+    make_gateway, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    server = scripted_gateway(
+        make_gateway,
+        tmp_path,
+        [
+            {
+                "content": None,
+                "tool_calls": [
+                    tool_call("read_file", "{not json", "bad"),
+                    tool_call("launch_rockets", "{}", "unknown"),
+                    tool_call("read_file", '{"wrong_arg": 1}', "wrongargs"),
+                ],
+            },
+            {"content": "Sorry, those failed."},
+        ],
+    )
+    reply = chat(server, "try tools")
+    assert reply.status_code == 200
+    body = reply.json()
+    assert body["response"] == "Sorry, those failed."
+    assert [c["result"]["status"] for c in body["tool_calls"]] == ["error"] * 3
+    second_request = requests_seen(tmp_path)[1]
+    tool_messages = [m for m in second_request["messages"] if m["role"] == "tool"]
+    assert [m["tool_call_id"] for m in tool_messages] == ["bad", "unknown", "wrongargs"]
+    assert "launch_rockets" in tool_messages[1]["content"]
+
+
+def test_parallel_tool_calls_all_run_and_all_results_are_kept(make_gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = scripted_gateway(
+        make_gateway,
+        tmp_path,
+        [
+            {
+                "content": None,
+                "tool_calls": [
+                    tool_call("get_current_directory", "{}", "a"),
+                    tool_call("get_system_info", "{}", "b"),
+                ],
+            },
+            {"content": "done"},
+        ],
+    )
+    body = chat(server, "two at once").json()
+    assert body["tools_used"] == ["get_current_directory()", "get_system_info()"]
+    history = requests.get(f"{server.url}/conversations/default", timeout=5).json()["messages"]
+    assert [m["role"] for m in history] == ["user", "assistant", "tool", "tool", "assistant"]
+
+
+def test_an_upstream_500_mid_loop_is_a_clear_error_and_nothing_is_lost(
+    make_gateway, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    server = scripted_gateway(
+        make_gateway,
+        tmp_path,
+        [
+            {"content": None, "tool_calls": [tool_call("get_current_directory", "{}")]},
+            {"status": 500, "error": "out of memory"},
+        ],
+    )
+    reply = chat(server, "hello")
+    assert reply.status_code == 502
+    assert "out of memory" in reply.json()["detail"]
+    history = requests.get(f"{server.url}/conversations/default", timeout=5).json()["messages"]
+    assert [m["role"] for m in history] == ["user", "assistant", "tool"]
+    assert requests.get(f"{server.url}/health", timeout=5).json()["status"] == "ok"
+
+
+def test_an_upstream_500_mid_stream_becomes_an_error_event(make_gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = scripted_gateway(make_gateway, tmp_path, [{"status": 500, "error": "boom"}])
+    reply = chat(server, "hello", stream=True)
+    events = [line for line in reply.text.splitlines() if line.startswith("event:")]
+    assert events == ["event: error"]
+    assert "boom" in reply.text
+
+
+def test_a_client_that_hangs_up_mid_stream_cancels_the_generation(
+    make_gateway, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    server = scripted_gateway(
+        make_gateway, tmp_path, [{"stream_chunks": [f"tok{i} " for i in range(40)], "delay": 0.1}]
+    )
+    with requests.post(
+        f"{server.url}/chat",
+        json={"messages": [{"role": "user", "content": "long"}], "stream": True},
+        stream=True,
+        timeout=30,
+    ) as reply:
+        for line in reply.iter_lines():
+            if line.startswith(b"event: delta"):
+                break
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and {"cancelled": True} not in requests_seen(tmp_path):
+        time.sleep(0.1)
+    assert {"cancelled": True} in requests_seen(tmp_path)
+
+
+def test_a_destructive_call_waits_for_approval_then_runs(make_gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = scripted_gateway(
+        make_gateway,
+        tmp_path,
+        [
+            {"content": None, "tool_calls": [tool_call("delete_file", '{"path": "victim.txt"}')]},
+            {"content": "Deleted."},
+        ],
+    )
+    victim = server.data_dir / "workspace" / "victim.txt"
+    victim.write_text("precious")
+    body = chat(server, "delete victim.txt").json()
+    pending = body["pending_approval"]
+    assert pending["tool"] == "delete_file" and pending["arguments"] == {"path": "victim.txt"}
+    assert victim.exists()
+    approved = requests.post(
+        f"{server.url}/chat/approve",
+        json={"conversation_id": "default", "approval_id": pending["approval_id"], "approve": True},
+        timeout=30,
+    ).json()
+    assert approved["response"] == "Deleted."
+    assert not victim.exists()
+    again = requests.post(
+        f"{server.url}/chat/approve",
+        json={"conversation_id": "default", "approval_id": pending["approval_id"], "approve": True},
+        timeout=30,
+    )
+    assert again.status_code == 404
+    audit = requests.get(f"{server.url}/tools/audit", timeout=5).json()["records"]
+    assert audit[0]["tool"] == "delete_file" and audit[0]["approval"] == "approved"
+
+
+def test_a_refused_call_is_reported_to_the_model_and_nothing_happens(
+    make_gateway, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    server = scripted_gateway(
+        make_gateway,
+        tmp_path,
+        [
+            {"content": None, "tool_calls": [tool_call("delete_file", '{"path": "keep.txt"}')]},
+            {"content": "Okay, I left it."},
+        ],
+    )
+    keep = server.data_dir / "workspace" / "keep.txt"
+    keep.write_text("stay")
+    pending = chat(server, "delete keep.txt").json()["pending_approval"]
+    refused = requests.post(
+        f"{server.url}/chat/approve",
+        json={
+            "conversation_id": "default",
+            "approval_id": pending["approval_id"],
+            "approve": False,
+        },
+        timeout=30,
+    ).json()
+    assert refused["response"] == "Okay, I left it."
+    assert keep.read_text() == "stay"
+    tool_message = next(m for m in requests_seen(tmp_path)[1]["messages"] if m["role"] == "tool")
+    assert "declined" in tool_message["content"]
+
+
+def test_the_deny_policy_refuses_destructive_calls_without_asking(
+    make_gateway, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    server = scripted_gateway(
+        make_gateway,
+        tmp_path,
+        [
+            {"content": None, "tool_calls": [tool_call("delete_file", '{"path": "keep.txt"}')]},
+            {"content": "Not allowed."},
+        ],
+        AILAB_TOOL_APPROVAL="deny",
+    )
+    keep = server.data_dir / "workspace" / "keep.txt"
+    keep.write_text("stay")
+    body = chat(server, "delete keep.txt").json()
+    assert body["pending_approval"] is None
+    assert body["tool_calls"][0]["result"]["status"] == "error"
+    assert keep.exists()

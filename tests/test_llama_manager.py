@@ -1,0 +1,142 @@
+"""The supervisor against the real llama-server: start, crash recovery, ports, stale processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import requests
+from conftest import SMOLLM, GatewayProcess, free_port
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+def test_health_reports_the_default_model_ready_on_cpu(gateway: GatewayProcess) -> None:
+    health = requests.get(f"{gateway.url}/health", timeout=5).json()
+    assert health["status"] == "ok"
+    assert health["model_key"] == "smollm2-135m"
+    assert health["device"] == "CPU"
+    assert health["pid"] in gateway.llama_pids()
+    assert health["message"] is None
+
+
+def test_llama_server_killed_with_sigkill_is_restarted(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    server: GatewayProcess = make_gateway()
+    first_pid = requests.get(f"{server.url}/health", timeout=5).json()["pid"]
+    os.kill(first_pid, signal.SIGKILL)
+    seen = wait_for(
+        lambda: requests.get(f"{server.url}/health", timeout=5).json()["status"] != "ok" or None,
+        timeout=10,
+        interval=0.02,
+    )
+    assert seen
+    health = server.wait_healthy(60)
+    assert health["restarts"] == 1
+    assert health["pid"] != first_pid
+    reply = requests.post(
+        f"{server.url}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        timeout=60,
+    )
+    assert reply.status_code == 200
+
+
+def test_a_port_in_use_is_reported_and_the_gateway_stays_up(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        server: GatewayProcess = make_gateway({"AILAB_LLAMA_PORT": str(port)}, wait=False)
+        health = wait_for(lambda: _error_health(server), timeout=60)
+    assert f"port {port} is already in use" in health["message"]
+    assert "AILAB_LLAMA_PORT" in health["message"]
+
+
+def _error_health(server: GatewayProcess) -> dict | None:
+    try:
+        body = requests.get(f"{server.url}/health", timeout=2).json()
+    except requests.ConnectionError:
+        return None
+    return body if body["status"] == "error" else None
+
+
+def test_a_stale_llama_server_of_this_gateway_is_cleaned_up(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    first: GatewayProcess = make_gateway()
+    orphan = first.llama_pids()[0]
+    assert first.process is not None
+    first.process.kill()  # the gateway dies without stopping its llama-server
+    first.process.wait()
+    assert psutil.pid_exists(orphan)
+    second = GatewayProcess(
+        Path(first.env["LLAMA_SERVER_PATH"]),
+        first.data_dir,
+        {"AILAB_LLAMA_PORT": str(first.llama_port)},
+    )
+    try:
+        second.start()
+        assert not psutil.pid_exists(orphan) or psutil.Process(orphan).status() == "zombie"
+    finally:
+        second.stop()
+
+
+def test_somebody_elses_llama_server_is_never_killed(make_gateway, llama_server_binary) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    foreign = subprocess.Popen(
+        [str(llama_server_binary), "-m", str(SMOLLM), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _port_open(port), timeout=60)
+        server: GatewayProcess = make_gateway({"AILAB_LLAMA_PORT": str(port)}, wait=False)
+        health = wait_for(lambda: _error_health(server), timeout=60)
+        assert "already in use" in health["message"]
+        assert foreign.poll() is None
+    finally:
+        foreign.kill()
+        foreign.wait()
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_llama_server_output_goes_to_a_log_under_the_data_dir(gateway: GatewayProcess) -> None:
+    log = gateway.data_dir / "logs" / "llama-server.log"
+    text = wait_for(lambda: log.exists() and "starting:" in log.read_text() and log.read_text())
+    assert "--metrics" in text and "-ngl" in text
+
+
+def test_a_bad_environment_value_stops_start_up_naming_the_variable(
+    llama_server_binary: Path, tmp_path: Path
+) -> None:
+    server = GatewayProcess(llama_server_binary, tmp_path, {"AILAB_PORT": "not-a-port"})
+    server.start(wait=False)
+    assert server.process is not None
+    assert server.process.wait(30) == 2
+    assert "AILAB_PORT" in server.output()
+
+
+def test_a_missing_default_model_file_is_reported_on_health(make_gateway, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps({"ghost": {"filename": "ghost.gguf"}}))
+    server: GatewayProcess = make_gateway(
+        {"AILAB_EXTRA_MODELS": str(extra), "AILAB_DEFAULT_MODEL": "ghost"}, wait=False
+    )
+    health = wait_for(lambda: _error_health(server), timeout=60)
+    assert "ghost.gguf" in health["message"] and "does not exist" in health["message"]

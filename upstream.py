@@ -1,0 +1,89 @@
+"""The pooled async HTTP client to llama-server, with the one retry that is always safe.
+
+llama-server closes kept-alive connections now and then; the pooled client only learns
+this when its next request on that connection gets no response at all. Exactly that
+case is retried: nothing was answered, so nothing can be duplicated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+
+DISCONNECTED_BEFORE_RESPONSE = "Server disconnected without sending a response"
+
+
+class UpstreamError(RuntimeError):
+    """llama-server failed or answered with an error; status is what to pass on."""
+
+    def __init__(self, message: str, status: int = 502) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _is_stale_connection(exc: httpx.HTTPError) -> bool:
+    return isinstance(exc, httpx.RemoteProtocolError) and DISCONNECTED_BEFORE_RESPONSE in str(exc)
+
+
+def make_client() -> httpx.AsyncClient:
+    # Generation can take minutes; only connecting is bounded tightly.
+    timeout = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=30.0)
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+    return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+
+
+async def send(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:
+    """Send a request and read the whole body, retrying a stale pooled connection once."""
+    try:
+        return await client.send(request)
+    except httpx.HTTPError as exc:
+        if not _is_stale_connection(exc):
+            raise
+    return await client.send(request)
+
+
+@asynccontextmanager
+async def stream(
+    client: httpx.AsyncClient, request: httpx.Request
+) -> AsyncIterator[httpx.Response]:
+    """Open a streamed response, with the same stale-connection retry before any byte."""
+    try:
+        response = await client.send(request, stream=True)
+    except httpx.HTTPError as exc:
+        if not _is_stale_connection(exc):
+            raise
+        response = await client.send(request, stream=True)
+    try:
+        yield response
+    finally:
+        await response.aclose()
+
+
+def error_message(response: httpx.Response) -> str:
+    """llama-server's own error text, which usually says what was wrong."""
+    try:
+        body: Any = response.json()
+    except ValueError:
+        return response.text[:500] or f"HTTP {response.status_code}"
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+    return str(body)[:500]
+
+
+async def post_json(client: httpx.AsyncClient, url: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """POST JSON to llama-server; raise UpstreamError with its message on failure."""
+    try:
+        response = await send(client, client.build_request("POST", url, json=payload))
+    except httpx.HTTPError as exc:
+        raise UpstreamError(f"llama-server is not reachable: {exc}", 503) from exc
+    if response.status_code >= 400:
+        status = response.status_code if response.status_code < 500 else 502
+        raise UpstreamError(f"llama-server: {error_message(response)}", status)
+    return response.json()
