@@ -263,6 +263,7 @@ class LlamaServerManager:
                 self.settings.llama_cache,
                 on_progress,
                 stall_timeout_s=self.settings.download_stall_timeout_s,
+                endpoint=self.settings.hf_endpoint,
             )
         except (hf_download.DownloadError, ValueError, RuntimeError) as exc:
             self._fail(f"download of {source.hf_repo} failed: {exc}")

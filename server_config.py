@@ -118,6 +118,7 @@ class Settings(BaseModel):
     tool_approval: Literal["ask", "auto", "deny"] = "ask"
     net_allow_private: bool = False
     extra_models_file: Path | None = None
+    hf_endpoint: str | None = None
 
     @property
     def custom_models_dir(self) -> Path:
@@ -168,6 +169,7 @@ ENV_FIELDS: dict[str, str] = {
     "AILAB_TOOL_APPROVAL": "tool_approval",
     "AILAB_NET_ALLOW_PRIVATE": "net_allow_private",
     "AILAB_EXTRA_MODELS": "extra_models_file",
+    "HF_ENDPOINT": "hf_endpoint",
 }
 FIELD_ENV = {field: env for env, field in ENV_FIELDS.items()}
 
