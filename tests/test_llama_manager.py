@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -140,3 +141,48 @@ def test_a_missing_default_model_file_is_reported_on_health(make_gateway, tmp_pa
     )
     health = wait_for(lambda: _error_health(server), timeout=60)
     assert "ghost.gguf" in health["message"] and "does not exist" in health["message"]
+
+
+def test_a_hugging_face_model_is_downloaded_with_progress_then_served(
+    make_gateway,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    from hf_fixture import FakeHfHub
+
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps({"hf-smol": {"hf_repo": "test-org/smol-GGUF:Q4_1"}}))
+    files = {"smol-Q4_1.gguf": SMOLLM, "smol-Q8_0.gguf": b"not this one"}
+    with FakeHfHub(files, repo_id="test-org/smol-GGUF", throttle_bytes_per_s=40_000_000) as hub:
+        server: GatewayProcess = make_gateway(
+            {
+                "AILAB_EXTRA_MODELS": str(extra),
+                "HF_ENDPOINT": hub.endpoint,
+                "LLAMA_CACHE": str(tmp_path / "hf-cache"),
+            }
+        )
+        outcome: dict[str, requests.Response] = {}
+        switching = threading.Thread(
+            target=lambda: outcome.update(
+                switch=requests.post(
+                    f"{server.url}/model/switch", json={"model_key": "hf-smol"}, timeout=300
+                )
+            )
+        )
+        switching.start()
+        progress = wait_for(lambda: _download_progress(server), timeout=30, interval=0.05)
+        switching.join()
+    assert progress["filename"] == "smol-Q4_1.gguf"
+    assert progress["total_bytes"] == SMOLLM.stat().st_size
+    assert outcome["switch"].status_code == 200, outcome["switch"].text
+    health = requests.get(f"{server.url}/health", timeout=5).json()
+    assert (health["status"], health["model_key"], health["download"]) == ("ok", "hf-smol", None)
+    cached = list((tmp_path / "hf-cache").rglob("smol-Q4_1.gguf"))
+    assert cached and cached[0].stat().st_size == SMOLLM.stat().st_size
+
+
+def _download_progress(server: GatewayProcess) -> dict | None:
+    body = requests.get(f"{server.url}/health", timeout=2).json()
+    download = body.get("download")
+    if body["status"] == "loading" and download and download["downloaded_bytes"] > 0:
+        return download
+    return None
