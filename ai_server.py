@@ -134,7 +134,7 @@ def _add_status_routes(app: FastAPI, gw: Gateway) -> None:
         body = HealthResponse(
             status=manager.health_status,  # type: ignore[arg-type]
             model_key=manager.model.key if manager.model else None,
-            model_name=manager.model.key if manager.model else None,
+            model_name=manager.model.name if manager.model else None,
             device=manager.device,
             pid=manager.pid,
             restarts=manager.restarts,
@@ -385,6 +385,7 @@ def main() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per proxied request is noise
     try:
         settings = load_settings()
         binary = find_llama_server(settings)

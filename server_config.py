@@ -290,6 +290,7 @@ class ModelSource(BaseModel):
 
     kind: Literal["local", "local_finetuned", "huggingface"]
     key: str
+    name: str
     path: Path | None = None
     hf_repo: str | None = None
     chat_template_path: Path | None = None
@@ -318,6 +319,7 @@ def get_model_source(settings: Settings, model_key: str) -> ModelSource:
     template = entry.get("chat_template_file")
     common: dict[str, Any] = {
         "key": model_key,
+        "name": entry.get("name", model_key),
         "chat_template_path": TEMPLATES_DIR / template if template else None,
         "context_length": int(entry.get("context_length") or 4096),
         "extra_args": list(entry.get("extra_args") or []),
