@@ -47,6 +47,7 @@ from chat_engine import Event, TurnStats
 from commands import COMMANDS, CommandError
 from gateway import Gateway, ModelFileMissing, ModelNotFound, SwitchFailed
 from llama_manager import LlamaStartError
+from model_bench import ModelBenchError
 from server_config import GENERATION_DEFAULTS, ConfigError, Settings, load_settings
 from token_budget import ContextOverflow
 
@@ -100,6 +101,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         SwitchTimeout: 503,
         SwitchFailed: 500,
         LlamaStartError: 500,
+        ModelBenchError: 502,
     }
     for exc_type, status in statuses.items():
 

@@ -158,7 +158,7 @@ async def bench_command(gw: Gateway, value: str | None, _: str) -> CommandResult
         for key in keys:
             if key != (gw.manager.model.key if gw.manager.model else None):
                 await gw.switch_model(str(key))
-            async with gw.gate.generation():
+            async with gw.gate.exclusive():  # chats must not share llama-server meanwhile
                 result = await model_bench.measure_model(
                     gw.http,
                     gw.settings.llama_base_url,

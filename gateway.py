@@ -40,9 +40,9 @@ class SwitchFailed(RuntimeError):
 class Gateway:
     def __init__(self, settings: Settings, binary: Path) -> None:
         self.settings = settings
-        self.http = upstream.make_client()
+        self.http, transport = upstream.make_client()
         self.store = AsyncStore(settings.database_path)
-        self.manager = LlamaServerManager(settings, binary, self.http)
+        self.manager = LlamaServerManager(settings, binary, self.http, transport)
         self.gate = GenerationGate(settings.parallel + settings.queue_limit, settings.switch_wait_s)
         self.conversation_locks = KeyedLocks()
         self.engine = ChatEngine(

@@ -8,17 +8,16 @@ guessing from the process.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
-import logging.handlers
 import os
-import queue
+import shutil
 import signal
 import socket
 import time
 from enum import StrEnum
 from pathlib import Path
+from typing import BinaryIO
 
 import httpx
 import psutil
@@ -28,9 +27,12 @@ from server_config import ModelSource, Settings
 
 log = logging.getLogger("ailab.llama")
 
-HEALTH_POLL_INTERVAL_S = 0.05
+HEALTH_POLL_INTERVAL_S = 0.01
 STOP_GRACE_S = 5.0
-STDERR_TAIL_LINES = 40
+TAIL_LINES = 15
+LOG_MAX_BYTES = 5 * 1024 * 1024
+LOG_BACKUPS = 3
+LOG_CHECK_INTERVAL_S = 60.0
 BACKOFF_START_S = 1.0
 BACKOFF_MAX_S = 30.0
 # Marks the llama-server processes this gateway started, so stale ones can be found
@@ -97,30 +99,47 @@ def _port_owner(port: int) -> str | None:
     return "another process"
 
 
-def _make_process_logger(log_dir: Path) -> tuple[logging.Logger, logging.handlers.QueueListener]:
-    """A logger whose file writes happen on a listener thread, never on the event loop."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    file_handler = logging.handlers.RotatingFileHandler(
-        log_dir / "llama-server.log", maxBytes=5 * 1024 * 1024, backupCount=3
-    )
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(records, file_handler)
-    listener.start()
-    process_logger = logging.getLogger(f"ailab.llama-server.{id(listener)}")
-    process_logger.propagate = False
-    process_logger.setLevel(logging.INFO)
-    process_logger.addHandler(logging.handlers.QueueHandler(records))
-    return process_logger, listener
+def _rotate_log(path: Path, copy_truncate: bool) -> None:
+    """Keep LOG_BACKUPS old logs. While llama-server writes (O_APPEND) the file is copied
+    and truncated in place; between runs it is renamed."""
+    if not path.exists() or path.stat().st_size < LOG_MAX_BYTES:
+        return
+    for index in range(LOG_BACKUPS - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{index}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{index + 1}"))
+    if copy_truncate:
+        shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+        os.truncate(path, 0)
+    else:
+        path.replace(path.with_name(f"{path.name}.1"))
+
+
+def _log_tail(path: Path, lines: int = TAIL_LINES) -> str:
+    """The last lines llama-server wrote: they say why it failed."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(max(0, path.stat().st_size - 16384))
+            text = handle.read().decode(errors="replace")
+    except OSError:
+        return "(no output)"
+    return "\n".join(text.splitlines()[-lines:])
 
 
 class LlamaServerManager:
     """Owns the llama-server subprocess for one gateway."""
 
-    def __init__(self, settings: Settings, binary: Path, http: httpx.AsyncClient) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        binary: Path,
+        http: httpx.AsyncClient,
+        transport: httpx.AsyncHTTPTransport,
+    ) -> None:
         self.settings = settings
         self.binary = binary
         self.http = http
+        self.transport = transport
         self.state = ManagerState.STOPPED
         self.model: ModelSource | None = None
         self.n_gpu_layers = settings.n_gpu_layers
@@ -131,11 +150,11 @@ class LlamaServerManager:
         self.gpu_devices: list[str] = []
         self._process: asyncio.subprocess.Process | None = None
         self._started_at: float | None = None
-        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
-        self._reader: asyncio.Task[None] | None = None
+        self._log_keeper: asyncio.Task[None] | None = None
+        self._stale_checked = False
         self._watchdog: asyncio.Task[None] | None = None
         self._lifecycle = asyncio.Lock()
-        self._process_log, self._log_listener = _make_process_logger(settings.log_dir)
+        self.log_path = settings.log_dir / "llama-server.log"
 
     # --- reporting -----------------------------------------------------------------
 
@@ -221,7 +240,8 @@ class LlamaServerManager:
 
     async def close(self) -> None:
         await self.stop()
-        self._log_listener.stop()
+        if self._log_keeper:
+            self._log_keeper.cancel()
 
     # --- internals -------------------------------------------------------------------
 
@@ -229,7 +249,9 @@ class LlamaServerManager:
         self.model = source
         path = await self._ensure_local_file(source)
         self._set_state(ManagerState.STARTING, f"loading {source.key}")
-        await asyncio.to_thread(self._cleanup_stale_processes)
+        if not self._stale_checked:
+            await asyncio.to_thread(self._cleanup_stale_processes)
+            self._stale_checked = True
         owner = await asyncio.to_thread(_port_owner, self.settings.llama_port)
         if owner:
             self._fail(
@@ -293,28 +315,35 @@ class LlamaServerManager:
 
     async def _spawn(self, path: Path, source: ModelSource) -> None:
         command = self._command(path, source)
-        self._process_log.info("starting: %s", " ".join(command))
-        self._stderr_tail.clear()
+        log_file = await asyncio.to_thread(self._open_log, command)
         env = {**os.environ, OWNER_ENV: str(self.settings.data_dir.resolve())}
-        self._process = await asyncio.create_subprocess_exec(
-            *command,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # a Ctrl-C in the gateway's terminal is ours to handle
-        )
-        self._reader = asyncio.create_task(self._pump_output(self._process))
+        try:
+            # llama-server writes its own log: no line of it passes through Python.
+            self._process = await asyncio.create_subprocess_exec(
+                *command,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                env=env,
+                start_new_session=True,  # a Ctrl-C in the gateway's terminal is ours to handle
+            )
+        finally:
+            log_file.close()
+        if self._log_keeper is None:
+            self._log_keeper = asyncio.create_task(self._keep_log_small())
 
-    async def _pump_output(self, process: asyncio.subprocess.Process) -> None:
-        assert process.stdout is not None
-        async for raw in process.stdout:
-            line = raw.decode(errors="replace").rstrip()
-            self._stderr_tail.append(line)
-            self._process_log.info("%s", line)
+    def _open_log(self, command: list[str]) -> BinaryIO:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        _rotate_log(self.log_path, copy_truncate=False)
+        log_file = self.log_path.open("ab")
+        log_file.write(f"--- {time.strftime('%F %T')} starting: {' '.join(command)}\n".encode())
+        log_file.flush()
+        return log_file
 
-    def _stderr_excerpt(self) -> str:
-        return "\n".join(list(self._stderr_tail)[-15:])
+    async def _keep_log_small(self) -> None:
+        while True:
+            await asyncio.sleep(LOG_CHECK_INTERVAL_S)
+            await asyncio.to_thread(_rotate_log, self.log_path, True)
 
     async def _wait_until_ready(self) -> None:
         assert self._process is not None
@@ -322,11 +351,10 @@ class LlamaServerManager:
         deadline = time.monotonic() + self.settings.load_timeout_s
         while time.monotonic() < deadline:
             if process.returncode is not None:
-                if self._reader:
-                    await self._reader  # the last lines explain the exit
+                tail = await asyncio.to_thread(_log_tail, self.log_path)
                 self._fail(
                     f"llama-server exited with code {process.returncode} while loading "
-                    f"{self.model.key if self.model else '?'}:\n{self._stderr_excerpt()}"
+                    f"{self.model.key if self.model else '?'}:\n{tail}"
                 )
             if await self.is_healthy():
                 self._started_at = time.monotonic()
@@ -335,9 +363,10 @@ class LlamaServerManager:
                 return
             await asyncio.sleep(HEALTH_POLL_INTERVAL_S)
         await self._terminate(process)
+        tail = await asyncio.to_thread(_log_tail, self.log_path)
         self._fail(
             f"llama-server did not become ready within {self.settings.load_timeout_s:.0f} s; "
-            f"last output:\n{self._stderr_excerpt()}"
+            f"last output:\n{tail}"
         )
 
     async def _watch(self, process: asyncio.subprocess.Process) -> None:
@@ -369,10 +398,10 @@ class LlamaServerManager:
             self._process = None
             return
         self._set_state(ManagerState.STOPPING)
+        # llama-server lingers ~150 ms on SIGTERM while a kept-alive connection is open;
+        # nothing is in flight here (switches hold the gate), so drop the idle ones.
+        await self.transport.aclose()
         await self._terminate(process)
-        if self._reader:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
         self._process = None
         self._set_state(ManagerState.STOPPED)
 

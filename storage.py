@@ -149,6 +149,9 @@ class Store:
         self._conn.row_factory = sqlite3.Row
         self._lock = threading.RLock()
         self._conn.execute("PRAGMA journal_mode = WAL")
+        # With WAL, NORMAL never corrupts and survives an application crash; only a power
+        # cut can lose the last commits. FULL would cost an fsync on every chat message.
+        self._conn.execute("PRAGMA synchronous = NORMAL")
         self._conn.execute("PRAGMA foreign_keys = ON")
         self._migrate()
 

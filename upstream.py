@@ -28,11 +28,14 @@ def _is_stale_connection(exc: httpx.HTTPError) -> bool:
     return isinstance(exc, httpx.RemoteProtocolError) and DISCONNECTED_BEFORE_RESPONSE in str(exc)
 
 
-def make_client() -> httpx.AsyncClient:
+def make_client() -> tuple[httpx.AsyncClient, httpx.AsyncHTTPTransport]:
+    """The pooled client, and its transport so idle connections can be dropped."""
     # Generation can take minutes; only connecting is bounded tightly.
     timeout = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=30.0)
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
-    return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+    transport = httpx.AsyncHTTPTransport(limits=limits)
+    client = httpx.AsyncClient(transport=transport, timeout=timeout, trust_env=False)
+    return client, transport
 
 
 async def send(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Response:

@@ -120,6 +120,33 @@ def test_a_named_tool_choice_makes_the_model_call_the_tool_then_answer(
     assert audit and audit[-1]["tool"] == "get_current_directory"
 
 
+def test_a_streamed_tool_turn_reports_the_call_its_result_and_the_answer(
+    gateway: GatewayProcess,
+) -> None:
+    with requests.post(
+        f"{gateway.url}/chat",
+        json={
+            "messages": [{"role": "user", "content": "Where are you working?"}],
+            "conversation_id": "stream-tool",
+            "enable_tools": True,
+            "stream": True,
+            "max_tokens": 32,
+            "tool_choice": {"type": "function", "function": {"name": "get_current_directory"}},
+        },
+        stream=True,
+        timeout=180,
+    ) as reply:
+        events = sse_events(reply)
+    names = [name for name, _ in events]
+    assert names[:2] == ["tool_call", "tool_result"]
+    assert events[0][1]["name"] == "get_current_directory"
+    assert events[1][1]["result"]["status"] == "success"
+    assert names[-1] == "done"
+    tools_used = events[-1][1]["tools_used"]
+    assert tools_used[0] == "get_current_directory()"
+    assert len(tools_used) == names.count("tool_call") == names.count("tool_result")
+
+
 def test_a_message_too_long_for_the_context_is_a_400(gateway: GatewayProcess) -> None:
     reply = requests.post(
         f"{gateway.url}/chat",
@@ -251,6 +278,12 @@ def test_commands_get_and_set_server_state(gateway: GatewayProcess) -> None:
     command("reset", conversation="cmd")
     assert command("history", conversation="cmd")["value"]["messages"] == 0
     assert command("model")["value"] == "smollm2-135m"
+    workspace = str(gateway.data_dir / "workspace")
+    assert command("roots", workspace)["value"] == [workspace]
+    refused = requests.post(
+        f"{gateway.url}/command", json={"command": "roots", "value": "/etc"}, timeout=5
+    )
+    assert refused.status_code == 400
     bad = requests.post(
         f"{gateway.url}/command", json={"command": "layers", "value": "many"}, timeout=5
     )
