@@ -51,13 +51,7 @@ async def layers_command(gw: Gateway, value: str | None, _: str) -> CommandResul
         layers = gw.manager.n_gpu_layers
         return f"GPU layers: {layers} ({gw.manager.device})", layers
     layers = _parse_int(value, "layers", -1)
-    old = gw.manager.n_gpu_layers
-    gw.manager.n_gpu_layers = layers
-    try:
-        await gw.restart_llama()
-    except Exception:
-        gw.manager.n_gpu_layers = old
-        raise
+    await gw.restart_llama(n_gpu_layers=layers)
     return f"GPU layers set to {layers}; llama-server restarted ({gw.manager.device})", layers
 
 
@@ -65,13 +59,7 @@ async def ctx_command(gw: Gateway, value: str | None, _: str) -> CommandResult:
     if value is None:
         return f"Context size: {gw.manager.n_ctx} tokens", gw.manager.n_ctx
     size = _parse_int(value, "ctx", 256)
-    old = gw.manager.n_ctx_limit
-    gw.manager.n_ctx_limit = size
-    try:
-        await gw.restart_llama()
-    except Exception:
-        gw.manager.n_ctx_limit = old
-        raise
+    await gw.restart_llama(n_ctx_limit=size)
     return f"Context size set to {gw.manager.n_ctx}; llama-server restarted", gw.manager.n_ctx
 
 

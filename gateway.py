@@ -127,14 +127,22 @@ class Gateway:
             )
         return await self.restart_llama(source)
 
-    async def restart_llama(self, source: ModelSource | None = None) -> tuple[str | None, float]:
-        """Restart llama-server (new model or new settings) under the exclusive gate."""
+    async def restart_llama(
+        self, source: ModelSource | None = None, **manager_settings: int
+    ) -> tuple[str | None, float]:
+        """Restart llama-server under the exclusive gate, with a new model and/or new
+        manager settings (n_gpu_layers, n_ctx_limit); on failure everything is put back."""
         async with self._switch_lock, self.gate.exclusive():
             previous = self.manager.model
+            old_settings = {name: getattr(self.manager, name) for name in manager_settings}
+            for name, value in manager_settings.items():
+                setattr(self.manager, name, value)
             started = time.perf_counter()
             try:
                 await self.manager.restart(source)
             except LlamaStartError as exc:
+                for name, value in old_settings.items():
+                    setattr(self.manager, name, value)
                 if previous is None:
                     raise SwitchFailed(str(exc)) from exc
                 try:

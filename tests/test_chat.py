@@ -93,7 +93,8 @@ def test_streaming_sends_deltas_then_the_statistics(gateway: GatewayProcess) -> 
     name, done = events[-1]
     assert name == "done"
     assert done["response"] == "".join(deltas)
-    assert done["tokens_generated"] == len(deltas)
+    # llama-server holds back a token that ends mid-character, so deltas <= tokens.
+    assert len(deltas) <= done["tokens_generated"] <= 32
     assert done["tokens_per_second"] > 0
 
 

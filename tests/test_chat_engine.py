@@ -34,6 +34,14 @@ def requests_seen(tmp_path: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
+def decide(server: GatewayProcess, approval_id: str, approve: bool) -> requests.Response:
+    return requests.post(
+        f"{server.url}/chat/approve",
+        json={"conversation_id": "default", "approval_id": approval_id, "approve": approve},
+        timeout=30,
+    )
+
+
 def chat(server: GatewayProcess, text: str, **extra: object) -> requests.Response:
     body = {"messages": [{"role": "user", "content": text}], "enable_tools": True, **extra}
     return requests.post(f"{server.url}/chat", json=body, timeout=60)
@@ -151,33 +159,32 @@ def test_a_client_that_hangs_up_mid_stream_cancels_the_generation(
     assert {"cancelled": True} in requests_seen(tmp_path)
 
 
-def test_a_destructive_call_waits_for_approval_then_runs(make_gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def delete_scenario(make_gateway, tmp_path: Path, answer: str, **env: str):  # type: ignore[no-untyped-def]
+    """A model that asks to delete workspace/keep.txt, then answers ``answer``."""
     server = scripted_gateway(
         make_gateway,
         tmp_path,
         [
-            {"content": None, "tool_calls": [tool_call("delete_file", '{"path": "victim.txt"}')]},
-            {"content": "Deleted."},
+            {"content": None, "tool_calls": [tool_call("delete_file", '{"path": "keep.txt"}')]},
+            {"content": answer},
         ],
+        **env,
     )
-    victim = server.data_dir / "workspace" / "victim.txt"
-    victim.write_text("precious")
-    body = chat(server, "delete victim.txt").json()
+    keep = server.data_dir / "workspace" / "keep.txt"
+    keep.write_text("stay")
+    return server, keep
+
+
+def test_a_destructive_call_waits_for_approval_then_runs(make_gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server, victim = delete_scenario(make_gateway, tmp_path, "Deleted.")
+    body = chat(server, "delete keep.txt").json()
     pending = body["pending_approval"]
-    assert pending["tool"] == "delete_file" and pending["arguments"] == {"path": "victim.txt"}
+    assert pending["tool"] == "delete_file" and pending["arguments"] == {"path": "keep.txt"}
     assert victim.exists()
-    approved = requests.post(
-        f"{server.url}/chat/approve",
-        json={"conversation_id": "default", "approval_id": pending["approval_id"], "approve": True},
-        timeout=30,
-    ).json()
+    approved = decide(server, pending["approval_id"], True).json()
     assert approved["response"] == "Deleted."
     assert not victim.exists()
-    again = requests.post(
-        f"{server.url}/chat/approve",
-        json={"conversation_id": "default", "approval_id": pending["approval_id"], "approve": True},
-        timeout=30,
-    )
+    again = decide(server, pending["approval_id"], True)
     assert again.status_code == 404
     audit = requests.get(f"{server.url}/tools/audit", timeout=5).json()["records"]
     assert audit[0]["tool"] == "delete_file" and audit[0]["approval"] == "approved"
@@ -186,26 +193,9 @@ def test_a_destructive_call_waits_for_approval_then_runs(make_gateway, tmp_path:
 def test_a_refused_call_is_reported_to_the_model_and_nothing_happens(
     make_gateway, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    server = scripted_gateway(
-        make_gateway,
-        tmp_path,
-        [
-            {"content": None, "tool_calls": [tool_call("delete_file", '{"path": "keep.txt"}')]},
-            {"content": "Okay, I left it."},
-        ],
-    )
-    keep = server.data_dir / "workspace" / "keep.txt"
-    keep.write_text("stay")
+    server, keep = delete_scenario(make_gateway, tmp_path, "Okay, I left it.")
     pending = chat(server, "delete keep.txt").json()["pending_approval"]
-    refused = requests.post(
-        f"{server.url}/chat/approve",
-        json={
-            "conversation_id": "default",
-            "approval_id": pending["approval_id"],
-            "approve": False,
-        },
-        timeout=30,
-    ).json()
+    refused = decide(server, pending["approval_id"], False).json()
     assert refused["response"] == "Okay, I left it."
     assert keep.read_text() == "stay"
     tool_message = next(m for m in requests_seen(tmp_path)[1]["messages"] if m["role"] == "tool")
@@ -215,17 +205,9 @@ def test_a_refused_call_is_reported_to_the_model_and_nothing_happens(
 def test_the_deny_policy_refuses_destructive_calls_without_asking(
     make_gateway, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    server = scripted_gateway(
-        make_gateway,
-        tmp_path,
-        [
-            {"content": None, "tool_calls": [tool_call("delete_file", '{"path": "keep.txt"}')]},
-            {"content": "Not allowed."},
-        ],
-        AILAB_TOOL_APPROVAL="deny",
+    server, keep = delete_scenario(
+        make_gateway, tmp_path, "Not allowed.", AILAB_TOOL_APPROVAL="deny"
     )
-    keep = server.data_dir / "workspace" / "keep.txt"
-    keep.write_text("stay")
     body = chat(server, "delete keep.txt").json()
     assert body["pending_approval"] is None
     assert body["tool_calls"][0]["result"]["status"] == "error"
