@@ -73,12 +73,12 @@ def fetch_source(workdir: Path) -> Path:
                 "--no-deps",
                 "--no-binary",
                 ":all:",
-                "--no-build-isolation",
                 f"{SDIST_NAME}=={SDIST_VERSION}",
                 "-d",
                 str(sdist_dir),
             ],
             check=True,
+            stdout=sys.stderr,  # stdout carries only the binary's path
         )
         archives = sorted(sdist_dir.glob(f"llama_cpp_python-{SDIST_VERSION}.tar.gz"))
     log(f"unpacking {archives[0].name}")
