@@ -22,6 +22,7 @@ import uvicorn
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from sse_starlette import EventSourceResponse
+from starlette.types import Receive, Scope, Send
 
 import exports
 import upstream
@@ -351,33 +352,35 @@ def _bind(forward: Any, path: str) -> Any:
     return endpoint
 
 
+class _ProxiedStream(StreamingResponse):
+    """llama-server's SSE bytes, passed through as they arrive. The admission slot and the
+    upstream stream are released when the response ends, however it ends."""
+
+    def __init__(self, upstream_response: httpx.Response, resources: contextlib.AsyncExitStack):
+        super().__init__(
+            upstream_response.aiter_raw(),
+            status_code=upstream_response.status_code,
+            media_type=upstream_response.headers.get("content-type", "text/event-stream"),
+        )
+        self._resources = resources
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with self._resources:
+            await super().__call__(scope, receive, send)
+
+
 async def _forward_stream(gw: Gateway, request: httpx.Request) -> Response:
-    """Pass llama-server's SSE bytes through as they arrive."""
-    admission = gw.gate.generation()
-    await admission.__aenter__()
+    resources = contextlib.AsyncExitStack()
     try:
-        opened = upstream.stream(gw.http, request)
-        response = await opened.__aenter__()
+        await resources.enter_async_context(gw.gate.generation())
+        response = await resources.enter_async_context(upstream.stream(gw.http, request))
     except httpx.HTTPError as exc:
-        await admission.__aexit__(None, None, None)
+        await resources.aclose()
         raise upstream.UpstreamError(f"llama-server is not reachable: {exc}", 503) from exc
     except BaseException:
-        await admission.__aexit__(None, None, None)
+        await resources.aclose()
         raise
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            async for chunk in response.aiter_raw():
-                yield chunk
-        finally:
-            await opened.__aexit__(None, None, None)
-            await admission.__aexit__(None, None, None)
-
-    return StreamingResponse(
-        body(),
-        status_code=response.status_code,
-        media_type=response.headers.get("content-type", "text/event-stream"),
-    )
+    return _ProxiedStream(response, resources)
 
 
 # --- entry point -------------------------------------------------------------------------

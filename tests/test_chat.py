@@ -301,3 +301,26 @@ def test_ctx_command_restarts_llama_server_with_the_new_size(make_gateway) -> No
     assert reply.status_code == 200 and reply.json()["value"] == 2048
     health = requests.get(f"{server.url}/health", timeout=5).json()
     assert (health["status"], health["n_ctx"]) == ("ok", 2048)
+
+
+def test_abandoned_openai_streams_give_their_queue_place_back(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    server: GatewayProcess = make_gateway({"AILAB_PARALLEL": "1", "AILAB_QUEUE_LIMIT": "1"})
+    for _ in range(4):
+        with requests.post(
+            f"{server.url}/v1/chat/completions",
+            json={
+                "messages": [{"role": "user", "content": "Tell a long story."}],
+                "max_tokens": 64,
+                "stream": True,
+            },
+            stream=True,
+            timeout=60,
+        ) as reply:
+            assert reply.status_code == 200
+            next(reply.iter_lines())
+    after = requests.post(
+        f"{server.url}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+        timeout=60,
+    )
+    assert after.status_code == 200
