@@ -324,3 +324,17 @@ def test_abandoned_openai_streams_give_their_queue_place_back(make_gateway) -> N
         timeout=60,
     )
     assert after.status_code == 200
+
+
+def test_two_requests_on_one_conversation_are_answered_one_after_the_other(
+    gateway: GatewayProcess,
+) -> None:
+    threads = [
+        threading.Thread(target=chat, args=(gateway, f"Question {n}", "serial")) for n in (1, 2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stored = requests.get(f"{gateway.url}/conversations/serial", timeout=5).json()["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant", "user", "assistant"]
