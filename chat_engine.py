@@ -89,6 +89,7 @@ class TurnStats:
 class ModelReply:
     message: Message
     finish_reason: str | None
+    streamed: list[str] = field(default_factory=list)  # content so far, kept if stopped
 
 
 class ChatEngine:
@@ -106,6 +107,7 @@ class ChatEngine:
         self.max_iterations = max_iterations
         self.approval_policy = approval_policy
         self.counter = TokenCounter(self._tokenize)
+        self._background: set[asyncio.Task[None]] = set()
 
     async def _tokenize(self, text: str) -> int:
         body = await upstream.post_json(
@@ -127,8 +129,12 @@ class ChatEngine:
             forced = opts.forced_tool if stats.iterations == 0 else None
             stats.iterations += 1
             reply = ModelReply({}, None)
-            async for event in self._call_model(opts, messages, schemas, forced, stats, reply):
-                yield event
+            try:
+                async for event in self._call_model(opts, messages, schemas, forced, stats, reply):
+                    yield event
+            except (asyncio.CancelledError, GeneratorExit):
+                self._keep_stopped_answer(opts.conversation_id, reply)
+                raise
             stats.finish_reason = reply.finish_reason
             await self.store.append_messages(opts.conversation_id, [reply.message])
             calls = reply.message.get("tool_calls") or []
@@ -146,6 +152,18 @@ class ChatEngine:
                 stats.tool_cap_hit = True
                 break
         yield "done", stats.summary()
+
+    def _keep_stopped_answer(self, conversation_id: str, reply: ModelReply) -> None:
+        """A client that hangs up mid-answer keeps what was generated, so the history still
+        alternates. Written from a task of its own: this one is being cancelled."""
+        if not reply.streamed:
+            return
+        message = {"role": "assistant", "content": "".join(reply.streamed)}
+        task = asyncio.get_running_loop().create_task(
+            self.store.append_messages(conversation_id, [message])
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _prompt_parts(self, opts: TurnOptions) -> tuple[str, list[dict[str, Any]] | None]:
         if not opts.tools_enabled or opts.tool_choice == "none":
@@ -186,7 +204,7 @@ class ChatEngine:
         elif opts.stream:
             payload = self._payload(opts, messages, schemas, stats.iterations == 1)
             body = {}
-            async for event in self._stream_call(payload, body):
+            async for event in self._stream_call(payload, body, reply.streamed):
                 yield event
         else:
             payload = self._payload(opts, messages, schemas, stats.iterations == 1)
@@ -231,14 +249,13 @@ class ChatEngine:
         return body
 
     async def _stream_call(
-        self, payload: dict[str, Any], body: dict[str, Any]
+        self, payload: dict[str, Any], body: dict[str, Any], content: list[str]
     ) -> AsyncIterator[Event]:
         """Stream one completion, yielding content deltas and filling ``body`` like a
         non-streamed response (message, finish_reason, usage, timings)."""
         request = self.http.build_request(
             "POST", f"{self.llama_url}/v1/chat/completions", json=payload
         )
-        content: list[str] = []
         calls: dict[int, dict[str, Any]] = {}
         finish: str | None = None
         try:

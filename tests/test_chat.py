@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import requests
 from conftest import GatewayProcess
@@ -338,3 +339,28 @@ def test_two_requests_on_one_conversation_are_answered_one_after_the_other(
         thread.join()
     stored = requests.get(f"{gateway.url}/conversations/serial", timeout=5).json()["messages"]
     assert [m["role"] for m in stored] == ["user", "assistant", "user", "assistant"]
+
+
+def test_a_stopped_stream_keeps_the_partial_answer_in_the_history(gateway: GatewayProcess) -> None:
+    with requests.post(
+        f"{gateway.url}/chat",
+        json={
+            "messages": [{"role": "user", "content": "Tell me a very long story."}],
+            "conversation_id": "stopped",
+            "stream": True,
+            "max_tokens": 400,
+        },
+        stream=True,
+        timeout=60,
+    ) as reply:
+        for line in reply.iter_lines(decode_unicode=True):
+            if line.startswith("data:") and '"content"' in line:
+                break
+    stored: list[dict] = []
+    for _ in range(50):
+        stored = requests.get(f"{gateway.url}/conversations/stopped", timeout=5).json()["messages"]
+        if len(stored) == 2:
+            break
+        time.sleep(0.1)
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    assert stored[1]["content"]

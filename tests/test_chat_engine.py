@@ -157,6 +157,9 @@ def test_a_client_that_hangs_up_mid_stream_cancels_the_generation(
     while time.monotonic() < deadline and {"cancelled": True} not in requests_seen(tmp_path):
         time.sleep(0.1)
     assert {"cancelled": True} in requests_seen(tmp_path)
+    history = requests.get(f"{server.url}/conversations/default", timeout=5).json()["messages"]
+    assert [m["role"] for m in history] == ["user", "assistant"]
+    assert history[1]["content"].startswith("tok0 ")
 
 
 def delete_scenario(make_gateway, tmp_path: Path, answer: str, **env: str):  # type: ignore[no-untyped-def]
