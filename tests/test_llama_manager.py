@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 import requests
 from conftest import SMOLLM, GatewayProcess, free_port
 
@@ -186,3 +187,27 @@ def _download_progress(server: GatewayProcess) -> dict | None:
     if body["status"] == "loading" and download and download["downloaded_bytes"] > 0:
         return download
     return None
+
+
+def test_a_big_log_is_rotated_keeping_a_bounded_number_of_backups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import llama_manager
+
+    monkeypatch.setattr(llama_manager, "LOG_MAX_BYTES", 10)
+    log = tmp_path / "llama-server.log"
+    for run in range(5):
+        log.write_text(f"run {run} " * 5)
+        llama_manager._rotate_log(log, copy_truncate=run % 2 == 0)
+    backups = sorted(p.name for p in tmp_path.iterdir())
+    assert backups == [
+        "llama-server.log",
+        "llama-server.log.1",
+        "llama-server.log.2",
+        "llama-server.log.3",
+    ]
+    assert (tmp_path / "llama-server.log.1").read_text().startswith("run 4")
+    assert log.read_text() == ""  # the last run was copy-truncated in place
+    log.write_text("small")
+    llama_manager._rotate_log(log, copy_truncate=False)
+    assert log.read_text() == "small"
