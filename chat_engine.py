@@ -38,7 +38,11 @@ class TurnOptions:
     stream: bool
 
     @property
-    def forced_tool(self) -> str | None:
+    def forces_tool_call(self) -> bool:
+        return self.tool_choice == "required" or isinstance(self.tool_choice, dict)
+
+    @property
+    def named_tool(self) -> str | None:
         if isinstance(self.tool_choice, dict):
             return str(self.tool_choice["function"]["name"])
         return None
@@ -126,7 +130,7 @@ class ChatEngine:
             kept, trimmed = await fit_messages(history, fixed, budget, self.counter)
             stats.trimmed_messages = max(stats.trimmed_messages, trimmed)
             messages = [{"role": "system", "content": system}, *kept]
-            forced = opts.forced_tool if stats.iterations == 0 else None
+            forced = bool(schemas) and opts.forces_tool_call and stats.iterations == 0
             stats.iterations += 1
             reply = ModelReply({}, None)
             try:
@@ -172,18 +176,16 @@ class ChatEngine:
 
     # --- one model call --------------------------------------------------------------
 
+    @staticmethod
     def _payload(
-        self,
-        opts: TurnOptions,
-        messages: list[Message],
-        schemas: list[dict[str, Any]] | None,
-        first_call: bool,
+        opts: TurnOptions, messages: list[Message], schemas: list[dict[str, Any]] | None
     ) -> dict[str, Any]:
         payload: dict[str, Any] = {"messages": messages, **opts.sampling}
         if schemas:
+            # A forced choice was served by _forced_call on the first call; after it, and
+            # for "auto", the model decides.
             payload["tools"] = schemas
-            choice = opts.tool_choice if first_call else "auto"
-            payload["tool_choice"] = choice if isinstance(choice, str) else "auto"
+            payload["tool_choice"] = "auto"
         if opts.stream:
             payload["stream"] = True
             payload["stream_options"] = {"include_usage": True}
@@ -194,20 +196,20 @@ class ChatEngine:
         opts: TurnOptions,
         messages: list[Message],
         schemas: list[dict[str, Any]] | None,
-        forced: str | None,
+        forced: bool,
         stats: TurnStats,
         reply: ModelReply,
     ) -> AsyncIterator[Event]:
         started = time.perf_counter()
         if forced:
-            body = await self._forced_call(opts, messages, forced)
+            body = await self._forced_call(opts, messages)
         elif opts.stream:
-            payload = self._payload(opts, messages, schemas, stats.iterations == 1)
+            payload = self._payload(opts, messages, schemas)
             body = {}
             async for event in self._stream_call(payload, body, reply.streamed):
                 yield event
         else:
-            payload = self._payload(opts, messages, schemas, stats.iterations == 1)
+            payload = self._payload(opts, messages, schemas)
             body = await upstream.post_json(
                 self.http, f"{self.llama_url}/v1/chat/completions", payload
             )
@@ -217,32 +219,42 @@ class ChatEngine:
         reply.message = _clean_assistant_message(message)
         reply.finish_reason = choice.get("finish_reason")
 
-    async def _forced_call(self, opts: TurnOptions, messages: list[Message], name: str) -> dict:
-        """llama-server rejects a named tool_choice, so ask for that function's arguments
-        under its JSON schema and build the tool call here."""
-        schema = next(
-            (t["function"] for t in tools.get_available_tools() if t["function"]["name"] == name),
-            None,
-        )
-        if schema is None:
+    async def _forced_call(self, opts: TurnOptions, messages: list[Message]) -> dict:
+        """A forced tool call ("required" or a named function), built by the gateway.
+
+        llama-server rejects a named tool_choice and does not enforce "required" with every
+        chat template, so the model is asked for {"name", "arguments"} under a JSON schema
+        that admits only the allowed functions, and the tool call is made from that."""
+        available = {t["function"]["name"]: t["function"] for t in tools.get_available_tools()}
+        name = opts.named_tool
+        if name is not None and name not in available:
             raise upstream.UpstreamError(f"tool_choice names an unknown tool {name!r}", 400)
+        allowed = {name: available[name]} if name else available
+        schema = {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {"name": {"const": key}, "arguments": spec["parameters"]},
+                    "required": ["name", "arguments"],
+                }
+                for key, spec in allowed.items()
+            ]
+        }
+        listing = "; ".join(
+            f"`{key}`: {spec.get('description', '')}" for key, spec in allowed.items()
+        )
         instruction = (
-            f"Call the function `{name}` ({schema.get('description', '')}). "
-            "Reply with its arguments as a JSON object only."
+            f"Call one of these functions: {listing}. Reply only with a JSON object "
+            '{"name": ..., "arguments": {...}}.'
         )
         payload: dict[str, Any] = {
             **opts.sampling,
             "messages": [*messages, {"role": "user", "content": instruction}],
-            "response_format": {"type": "json_object", "schema": schema["parameters"]},
+            "response_format": {"type": "json_object", "schema": schema},
         }
         body = await upstream.post_json(self.http, f"{self.llama_url}/v1/chat/completions", payload)
         choice = (body.get("choices") or [{}])[0]
-        arguments = (choice.get("message") or {}).get("content") or "{}"
-        call = {
-            "id": f"call_{uuid.uuid4().hex[:16]}",
-            "type": "function",
-            "function": {"name": name, "arguments": arguments},
-        }
+        call = _call_from_json((choice.get("message") or {}).get("content") or "", name)
         choice["message"] = {"role": "assistant", "content": None, "tool_calls": [call]}
         choice["finish_reason"] = "tool_calls"
         body["choices"] = [choice]
@@ -420,6 +432,25 @@ def _clean_assistant_message(message: dict[str, Any]) -> Message:
             for call in message["tool_calls"]
         ]
     return cleaned
+
+
+def _call_from_json(content: str, fallback_name: str | None) -> dict[str, Any]:
+    """A tool call from the forced JSON; unparsable arguments are passed on as text so the
+    tool answers with a readable error instead of the turn failing."""
+    try:
+        parsed = json.loads(content)
+    except json.JSONDecodeError:
+        parsed = {}
+    name = parsed.get("name") if isinstance(parsed, dict) else None
+    arguments = parsed.get("arguments") if isinstance(parsed, dict) else None
+    return {
+        "id": f"call_{uuid.uuid4().hex[:16]}",
+        "type": "function",
+        "function": {
+            "name": str(name or fallback_name or ""),
+            "arguments": json.dumps(arguments) if isinstance(arguments, dict) else content,
+        },
+    }
 
 
 def _merge_tool_call_deltas(calls: dict[int, dict[str, Any]], deltas: list[dict]) -> None:

@@ -122,6 +122,30 @@ def test_a_named_tool_choice_makes_the_model_call_the_tool_then_answer(
     assert audit and audit[-1]["tool"] == "get_current_directory"
 
 
+def test_tool_choice_required_makes_the_model_call_some_tool(gateway: GatewayProcess) -> None:
+    body = chat(
+        gateway,
+        "Show me the files in your folder.",
+        "required-tool",
+        enable_tools=True,
+        max_tokens=64,
+        tool_choice="required",
+    )
+    assert body["tool_calls"], body
+    assert body["tool_calls"][0]["name"] in {t["function"]["name"] for t in tools_schemas()}
+
+
+def tools_schemas() -> list[dict]:
+    import tools
+
+    return tools.get_available_tools()
+
+
+def test_tool_choice_none_sends_no_tools(gateway: GatewayProcess) -> None:
+    body = chat(gateway, "Hello", "no-tools", enable_tools=True, tool_choice="none")
+    assert (body["tool_calls"], body["iterations"]) == ([], 1)
+
+
 def test_a_streamed_tool_turn_reports_the_call_its_result_and_the_answer(
     gateway: GatewayProcess,
 ) -> None:

@@ -215,3 +215,26 @@ def test_the_deny_policy_refuses_destructive_calls_without_asking(
     assert body["pending_approval"] is None
     assert body["tool_calls"][0]["result"]["status"] == "error"
     assert keep.exists()
+
+
+def test_a_forced_call_the_model_garbles_becomes_a_readable_tool_error(
+    make_gateway, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    server = scripted_gateway(
+        make_gateway, tmp_path, [{"content": '{"name": "read_file", "argu'}, {"content": "Sorry."}]
+    )
+    reply = chat(server, "read it", tool_choice="required")
+    assert reply.status_code == 200
+    body = reply.json()
+    assert body["tool_calls"][0]["result"]["status"] == "error"
+    assert body["response"] == "Sorry."
+    forced_request = requests_seen(tmp_path)[0]
+    assert forced_request["response_format"]["type"] == "json_object"
+    assert "tools" not in forced_request
+
+
+def test_naming_an_unknown_tool_is_a_400(make_gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = scripted_gateway(make_gateway, tmp_path, [{"content": "unused"}])
+    reply = chat(server, "hi", tool_choice={"type": "function", "function": {"name": "nuke"}})
+    assert reply.status_code == 400
+    assert "nuke" in reply.json()["detail"]
