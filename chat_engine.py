@@ -25,6 +25,8 @@ from token_budget import Message, TokenCounter, fit_messages
 
 Event = tuple[str, dict[str, Any]]
 
+FORCED_CALL_TOKENS = 256
+
 
 @dataclass
 class TurnOptions:
@@ -223,32 +225,17 @@ class ChatEngine:
         """A forced tool call ("required" or a named function), built by the gateway.
 
         llama-server rejects a named tool_choice and does not enforce "required" with every
-        chat template, so the model is asked for {"name", "arguments"} under a JSON schema
-        that admits only the allowed functions, and the tool call is made from that."""
+        chat template, so the model is asked for JSON under a schema that admits only what
+        the choice allows, and the tool call is made from that."""
         available = {t["function"]["name"]: t["function"] for t in tools.get_available_tools()}
         name = opts.named_tool
         if name is not None and name not in available:
             raise upstream.UpstreamError(f"tool_choice names an unknown tool {name!r}", 400)
-        allowed = {name: available[name]} if name else available
-        schema = {
-            "anyOf": [
-                {
-                    "type": "object",
-                    "properties": {"name": {"const": key}, "arguments": spec["parameters"]},
-                    "required": ["name", "arguments"],
-                }
-                for key, spec in allowed.items()
-            ]
-        }
-        listing = "; ".join(
-            f"`{key}`: {spec.get('description', '')}" for key, spec in allowed.items()
-        )
-        instruction = (
-            f"Call one of these functions: {listing}. Reply only with a JSON object "
-            '{"name": ..., "arguments": {...}}.'
-        )
+        schema, instruction = _forced_schema(name, available)
         payload: dict[str, Any] = {
             **opts.sampling,
+            # Arguments (a file's content, say) may need more room than the answer.
+            "max_tokens": max(int(opts.sampling.get("max_tokens") or 0), FORCED_CALL_TOKENS),
             "messages": [*messages, {"role": "user", "content": instruction}],
             "response_format": {"type": "json_object", "schema": schema},
         }
@@ -434,22 +421,53 @@ def _clean_assistant_message(message: dict[str, Any]) -> Message:
     return cleaned
 
 
-def _call_from_json(content: str, fallback_name: str | None) -> dict[str, Any]:
+def _forced_schema(
+    name: str | None, available: dict[str, dict[str, Any]]
+) -> tuple[dict[str, Any], str]:
+    """The JSON schema and instruction for a forced call: a named function's arguments
+    alone (short, so small models finish it), or {"name", "arguments"} for "required"."""
+    if name is not None:
+        spec = available[name]
+        return spec["parameters"], (
+            f"Call the function `{name}` ({spec.get('description', '')}). "
+            "Reply with its arguments as a JSON object only."
+        )
+    schema = {
+        "anyOf": [
+            {
+                "type": "object",
+                "properties": {"name": {"const": key}, "arguments": spec["parameters"]},
+                "required": ["name", "arguments"],
+            }
+            for key, spec in available.items()
+        ]
+    }
+    listing = "; ".join(
+        f"`{key}`: {spec.get('description', '')}" for key, spec in available.items()
+    )
+    return schema, (
+        f"Call one of these functions: {listing}. "
+        'Reply only with a JSON object {"name": ..., "arguments": {...}}.'
+    )
+
+
+def _call_from_json(content: str, named: str | None) -> dict[str, Any]:
     """A tool call from the forced JSON; unparsable arguments are passed on as text so the
     tool answers with a readable error instead of the turn failing."""
-    try:
-        parsed = json.loads(content)
-    except json.JSONDecodeError:
-        parsed = {}
-    name = parsed.get("name") if isinstance(parsed, dict) else None
-    arguments = parsed.get("arguments") if isinstance(parsed, dict) else None
+    name, arguments = named or "", content
+    if named is None:
+        try:
+            parsed = json.loads(content)
+        except json.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict):
+            name = str(parsed.get("name") or "")
+            if isinstance(parsed.get("arguments"), dict):
+                arguments = json.dumps(parsed["arguments"])
     return {
         "id": f"call_{uuid.uuid4().hex[:16]}",
         "type": "function",
-        "function": {
-            "name": str(name or fallback_name or ""),
-            "arguments": json.dumps(arguments) if isinstance(arguments, dict) else content,
-        },
+        "function": {"name": name, "arguments": arguments},
     }
 
 
