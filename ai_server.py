@@ -47,7 +47,7 @@ from api_models import (
 from chat_engine import Event, TurnStats
 from commands import COMMANDS, CommandError
 from gateway import Gateway, ModelFileMissing, ModelNotFound, SwitchFailed
-from llama_manager import LlamaStartError
+from llama_manager import LlamaStartError, LlamaUnavailable
 from model_bench import ModelBenchError
 from server_config import GENERATION_DEFAULTS, ConfigError, Settings, load_settings
 from token_budget import ContextOverflow
@@ -100,6 +100,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         CommandError: 400,
         ValueError: 400,
         SwitchTimeout: 503,
+        LlamaUnavailable: 503,
         SwitchFailed: 500,
         LlamaStartError: 500,
         ModelBenchError: 502,
@@ -202,7 +203,7 @@ def _add_chat_routes(app: FastAPI, gw: Gateway) -> None:
         budget = gw.token_budget(max_tokens)
 
         async def events() -> AsyncIterator[Event]:
-            async with gw.gate.generation(), gw.conversation_locks.hold(request.conversation_id):
+            async with gw.generation(), gw.conversation_locks.hold(request.conversation_id):
                 opts = await gw.prepare_turn(request)
                 if opts is None:
                     yield "done", {**TurnStats().summary(), "response": ""}
@@ -225,7 +226,7 @@ def _add_chat_routes(app: FastAPI, gw: Gateway) -> None:
         budget = gw.token_budget(max_tokens)
 
         async def events() -> AsyncIterator[Event]:
-            async with gw.gate.generation(), gw.conversation_locks.hold(request.conversation_id):
+            async with gw.generation(), gw.conversation_locks.hold(request.conversation_id):
                 async for event in gw.engine.resume(
                     pending, request.approve, request.stream, budget
                 ):
@@ -255,7 +256,14 @@ async def _sse(events: AsyncIterator[Event], extras: dict[str, Any]) -> AsyncIte
             if name == "done":
                 data = ChatResponse(**data, **extras).model_dump()
             yield {"event": name, "data": json.dumps(data)}
-    except (upstream.UpstreamError, ContextOverflow, ValueError, Overloaded, SwitchTimeout) as exc:
+    except (
+        upstream.UpstreamError,
+        ContextOverflow,
+        ValueError,
+        Overloaded,
+        SwitchTimeout,
+        LlamaUnavailable,
+    ) as exc:
         yield {"event": "error", "data": json.dumps({"error": str(exc)})}
     except httpx.HTTPError as exc:
         yield {"event": "error", "data": json.dumps({"error": f"llama-server: {exc}"})}
@@ -328,7 +336,7 @@ def _add_openai_routes(app: FastAPI, gw: Gateway) -> None:
         upstream_request = gw.upstream_request(request.method, path, body)
         if wants_stream:
             return await _forward_stream(gw, upstream_request)
-        async with gw.gate.generation():
+        async with gw.generation():
             try:
                 response = await upstream.send(gw.http, upstream_request)
             except httpx.HTTPError as exc:
@@ -372,7 +380,7 @@ class _ProxiedStream(StreamingResponse):
 async def _forward_stream(gw: Gateway, request: httpx.Request) -> Response:
     resources = contextlib.AsyncExitStack()
     try:
-        await resources.enter_async_context(gw.gate.generation())
+        await resources.enter_async_context(gw.generation())
         response = await resources.enter_async_context(upstream.stream(gw.http, request))
     except httpx.HTTPError as exc:
         await resources.aclose()

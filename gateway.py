@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +159,14 @@ class Gateway:
             return (previous.key if previous else None), time.perf_counter() - started
 
     # --- chat ------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def generation(self) -> AsyncIterator[None]:
+        """Admission for anything that generates: a queue place, no switch running, and
+        llama-server serving (waiting, bounded, while it loads or restarts)."""
+        async with self.gate.generation():
+            await self.manager.wait_until_serving(self.settings.switch_wait_s)
+            yield
 
     def token_budget(self, max_tokens: int) -> int:
         n_ctx = self.manager.n_ctx

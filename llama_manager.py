@@ -78,6 +78,10 @@ HEALTH_STATUS = {
 }
 
 
+class LlamaUnavailable(RuntimeError):
+    """llama-server cannot take a request now; the message says why."""
+
+
 class LlamaStartError(RuntimeError):
     """llama-server could not be brought up; the message says why and what to do."""
 
@@ -151,6 +155,7 @@ class LlamaServerManager:
         self._process: asyncio.subprocess.Process | None = None
         self._started_at: float | None = None
         self._log_keeper: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
         self._stale_checked = False
         self._watchdog: asyncio.Task[None] | None = None
         self._lifecycle = asyncio.Lock()
@@ -196,6 +201,10 @@ class LlamaServerManager:
         log.info("llama-server %s -> %s%s", self.state, new, f": {message}" if message else "")
         self.state = new
         self.message = message
+        if new == ManagerState.READY:
+            self._ready.set()
+        else:
+            self._ready.clear()
 
     # --- public lifecycle ------------------------------------------------------------
 
@@ -230,6 +239,20 @@ class LlamaServerManager:
                 raise LlamaStartError("no model to restart with")
             await self._stop_locked()
             await self._start_locked(target)
+
+    async def wait_until_serving(self, timeout_s: float) -> None:
+        """Return once llama-server is ready; wait while it loads or restarts, but fail at
+        once (LlamaUnavailable) when it is down for good."""
+        if self.state == ManagerState.READY:
+            return
+        if self.state in (ManagerState.FAILED, ManagerState.STOPPED):
+            raise LlamaUnavailable(f"llama-server is not running: {self.message or self.state}")
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout_s)
+        except TimeoutError:
+            raise LlamaUnavailable(
+                f"llama-server is still {self.state} after {timeout_s:.0f} s: {self.message}"
+            ) from None
 
     async def is_healthy(self) -> bool:
         try:

@@ -40,21 +40,19 @@ def test_llama_server_killed_with_sigkill_is_restarted(make_gateway) -> None:  #
     server: GatewayProcess = make_gateway()
     first_pid = requests.get(f"{server.url}/health", timeout=5).json()["pid"]
     os.kill(first_pid, signal.SIGKILL)
-    seen = wait_for(
-        lambda: requests.get(f"{server.url}/health", timeout=5).json()["status"] != "ok" or None,
-        timeout=10,
-        interval=0.02,
-    )
-    assert seen
-    health = server.wait_healthy(60)
-    assert health["restarts"] == 1
-    assert health["pid"] != first_pid
+    seen = wait_for(lambda: _not_ok_health(server), timeout=10, interval=0.02)
+    assert seen["status"] == "restarting"
+    assert "exited unexpectedly" in seen["message"]
+    # A request sent while it restarts waits for it instead of failing.
     reply = requests.post(
-        f"{server.url}/v1/chat/completions",
+        f"{server.url}/chat",
         json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
         timeout=60,
     )
-    assert reply.status_code == 200
+    assert reply.status_code == 200, reply.text
+    health = requests.get(f"{server.url}/health", timeout=5).json()
+    assert (health["status"], health["restarts"]) == ("ok", 1)
+    assert health["pid"] != first_pid
 
 
 def test_a_port_in_use_is_reported_and_the_gateway_stays_up(make_gateway) -> None:  # type: ignore[no-untyped-def]
@@ -66,6 +64,11 @@ def test_a_port_in_use_is_reported_and_the_gateway_stays_up(make_gateway) -> Non
         health = wait_for(lambda: _error_health(server), timeout=60)
     assert f"port {port} is already in use" in health["message"]
     assert "AILAB_LLAMA_PORT" in health["message"]
+
+
+def _not_ok_health(server: GatewayProcess) -> dict | None:
+    body = requests.get(f"{server.url}/health", timeout=5).json()
+    return body if body["status"] != "ok" else None
 
 
 def _error_health(server: GatewayProcess) -> dict | None:
@@ -142,6 +145,16 @@ def test_a_missing_default_model_file_is_reported_on_health(make_gateway, tmp_pa
     )
     health = wait_for(lambda: _error_health(server), timeout=60)
     assert "ghost.gguf" in health["message"] and "does not exist" in health["message"]
+    chat = requests.post(
+        f"{server.url}/chat", json={"messages": [{"role": "user", "content": "hi"}]}, timeout=10
+    )
+    assert chat.status_code == 503
+    assert "ghost.gguf" in chat.json()["detail"]
+    switched = requests.post(
+        f"{server.url}/model/switch", json={"model_key": "smollm2-135m"}, timeout=120
+    )
+    assert switched.status_code == 200, switched.text
+    assert requests.get(f"{server.url}/health", timeout=5).json()["status"] == "ok"
 
 
 def test_a_hugging_face_model_is_downloaded_with_progress_then_served(
