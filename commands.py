@@ -140,7 +140,7 @@ async def bench_command(gw: Gateway, value: str | None, _: str) -> CommandResult
     original = gw.manager.model.key if gw.manager.model else None
     keys = [k.strip() for k in value.split(",") if k.strip()] if value else [original]
     for key in keys:
-        gw.model_source(str(key))  # unknown keys fail before any switch
+        await asyncio.to_thread(gw.model_source, str(key))  # unknown keys fail before a switch
     results = []
     try:
         for key in keys:
