@@ -24,6 +24,21 @@ def chat(server: GatewayProcess, text: str, conversation: str, **extra: object) 
     return reply.json()
 
 
+def stream_chat(
+    server: GatewayProcess, text: str, conversation: str, **extra: object
+) -> requests.Response:
+    """A streamed /chat request; use it as a context manager."""
+    body = {"messages": [{"role": "user", "content": text}], "conversation_id": conversation}
+    return requests.post(
+        f"{server.url}/chat", json={**body, "stream": True, **extra}, stream=True, timeout=180
+    )
+
+
+def history(server: GatewayProcess, conversation: str) -> list[dict]:
+    reply = requests.get(f"{server.url}/conversations/{conversation}", timeout=5)
+    return reply.json()["messages"]
+
+
 def sse_events(response: requests.Response) -> list[tuple[str, dict]]:
     events, name = [], None
     for line in response.iter_lines(decode_unicode=True):
@@ -45,24 +60,24 @@ def test_the_second_turn_is_sent_with_the_first(gateway: GatewayProcess) -> None
         "smollm2-135m",
         1,
     )
-    stored = requests.get(f"{gateway.url}/conversations/memory", timeout=5).json()["messages"]
+    stored = history(gateway, "memory")
     assert [m["role"] for m in stored] == ["user", "assistant", "user", "assistant"]
 
 
 def test_resending_the_whole_history_appends_only_the_new_turn(gateway: GatewayProcess) -> None:
     first = chat(gateway, "Count to three.", "resend")
-    history = [
+    resent = [
         {"role": "user", "content": "Count to three."},
         {"role": "assistant", "content": first["response"]},
         {"role": "user", "content": "Again."},
     ]
     reply = requests.post(
         f"{gateway.url}/chat",
-        json={"messages": history, "conversation_id": "resend", "max_tokens": 8},
+        json={"messages": resent, "conversation_id": "resend", "max_tokens": 8},
         timeout=120,
     )
     assert reply.status_code == 200
-    stored = requests.get(f"{gateway.url}/conversations/resend", timeout=5).json()["messages"]
+    stored = history(gateway, "resend")
     assert [m["content"] for m in stored if m["role"] == "user"] == ["Count to three.", "Again."]
 
 
@@ -72,22 +87,12 @@ def test_an_empty_message_list_resets_the_conversation(gateway: GatewayProcess) 
         f"{gateway.url}/chat", json={"messages": [], "conversation_id": "reset-me"}, timeout=30
     )
     assert reply.status_code == 200
-    stored = requests.get(f"{gateway.url}/conversations/reset-me", timeout=5).json()["messages"]
+    stored = history(gateway, "reset-me")
     assert stored == []
 
 
 def test_streaming_sends_deltas_then_the_statistics(gateway: GatewayProcess) -> None:
-    with requests.post(
-        f"{gateway.url}/chat",
-        json={
-            "messages": [{"role": "user", "content": "Write a sentence about the sea."}],
-            "conversation_id": "stream",
-            "stream": True,
-            "max_tokens": 32,
-        },
-        stream=True,
-        timeout=120,
-    ) as reply:
+    with stream_chat(gateway, "Write a sentence about the sea.", "stream", max_tokens=32) as reply:
         events = sse_events(reply)
     deltas = [data["content"] for name, data in events if name == "delta"]
     assert len(deltas) > 3
@@ -114,7 +119,7 @@ def test_a_named_tool_choice_makes_the_model_call_the_tool_then_answer(
     assert body["tool_calls"][0]["result"]["status"] == "success"
     assert str(gateway.data_dir / "workspace") in json.dumps(body["tool_calls"][0]["result"])
     assert body["iterations"] >= 2
-    stored = requests.get(f"{gateway.url}/conversations/forced-tool", timeout=5).json()["messages"]
+    stored = history(gateway, "forced-tool")
     assert [m["role"] for m in stored][:3] == ["user", "assistant", "tool"]
     audit = requests.get(
         f"{gateway.url}/tools/audit", params={"conversation_id": "forced-tool"}, timeout=5
@@ -149,18 +154,13 @@ def test_tool_choice_none_sends_no_tools(gateway: GatewayProcess) -> None:
 def test_a_streamed_tool_turn_reports_the_call_its_result_and_the_answer(
     gateway: GatewayProcess,
 ) -> None:
-    with requests.post(
-        f"{gateway.url}/chat",
-        json={
-            "messages": [{"role": "user", "content": "Where are you working?"}],
-            "conversation_id": "stream-tool",
-            "enable_tools": True,
-            "stream": True,
-            "max_tokens": 32,
-            "tool_choice": {"type": "function", "function": {"name": "get_current_directory"}},
-        },
-        stream=True,
-        timeout=180,
+    with stream_chat(
+        gateway,
+        "Where are you working?",
+        "stream-tool",
+        enable_tools=True,
+        max_tokens=32,
+        tool_choice={"type": "function", "function": {"name": "get_current_directory"}},
     ) as reply:
         events = sse_events(reply)
     names = [name for name, _ in events]
@@ -203,7 +203,7 @@ def test_conversations_survive_a_gateway_restart(make_gateway) -> None:  # type:
     assert "persist" in [c["id"] for c in listed]
     again = chat(server, "What word?", "persist")
     assert again["tokens_input"] > 20
-    stored = requests.get(f"{server.url}/conversations/persist", timeout=5).json()["messages"]
+    stored = history(server, "persist")
     assert len(stored) == 4
     assert requests.delete(f"{server.url}/conversations/persist", timeout=5).status_code == 200
     assert requests.get(f"{server.url}/conversations/persist", timeout=5).status_code == 404
@@ -361,28 +361,18 @@ def test_two_requests_on_one_conversation_are_answered_one_after_the_other(
         thread.start()
     for thread in threads:
         thread.join()
-    stored = requests.get(f"{gateway.url}/conversations/serial", timeout=5).json()["messages"]
+    stored = history(gateway, "serial")
     assert [m["role"] for m in stored] == ["user", "assistant", "user", "assistant"]
 
 
 def test_a_stopped_stream_keeps_the_partial_answer_in_the_history(gateway: GatewayProcess) -> None:
-    with requests.post(
-        f"{gateway.url}/chat",
-        json={
-            "messages": [{"role": "user", "content": "Tell me a very long story."}],
-            "conversation_id": "stopped",
-            "stream": True,
-            "max_tokens": 400,
-        },
-        stream=True,
-        timeout=60,
-    ) as reply:
+    with stream_chat(gateway, "Tell me a very long story.", "stopped", max_tokens=400) as reply:
         for line in reply.iter_lines(decode_unicode=True):
             if line.startswith("data:") and '"content"' in line:
                 break
     stored: list[dict] = []
     for _ in range(50):
-        stored = requests.get(f"{gateway.url}/conversations/stopped", timeout=5).json()["messages"]
+        stored = history(gateway, "stopped")
         if len(stored) == 2:
             break
         time.sleep(0.1)
