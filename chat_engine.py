@@ -123,9 +123,27 @@ class ChatEngine:
 
     # --- the loop ------------------------------------------------------------------
 
-    async def run(self, opts: TurnOptions, stats: TurnStats, budget: int) -> AsyncIterator[Event]:
-        """Call the model until it answers without tool calls, or the cap is reached."""
+    async def run(
+        self,
+        opts: TurnOptions,
+        stats: TurnStats,
+        budget: int,
+        calls: list[dict[str, Any]] | None = None,
+    ) -> AsyncIterator[Event]:
+        """Call the model until it answers without tool calls, or the cap is reached.
+        ``calls`` are the current turn's tool calls still to run (when resuming)."""
         while True:
+            if calls is not None:
+                pending: dict[str, Any] | None = None
+                async for event in self.run_tool_calls(opts, stats, calls):
+                    pending = event[1] if event[0] == "approval_required" else pending
+                    yield event
+                if pending:
+                    yield "done", {**stats.summary(), "pending_approval": pending}
+                    return
+                if stats.iterations >= self.max_iterations:
+                    stats.tool_cap_hit = True
+                    break
             history = await self.store.get_messages(opts.conversation_id)
             system, schemas = self._prompt_parts(opts)
             fixed = system + (json.dumps(schemas) if schemas else "")
@@ -143,19 +161,9 @@ class ChatEngine:
                 raise
             stats.finish_reason = reply.finish_reason
             await self.store.append_messages(opts.conversation_id, [reply.message])
-            calls = reply.message.get("tool_calls") or []
+            calls = reply.message.get("tool_calls")
             stats.content = reply.message.get("content") or ""
             if not calls:
-                break
-            pending: dict[str, Any] | None = None
-            async for event in self.run_tool_calls(opts, stats, calls):
-                pending = event[1] if event[0] == "approval_required" else pending
-                yield event
-            if pending:
-                yield "done", {**stats.summary(), "pending_approval": pending}
-                return
-            if stats.iterations >= self.max_iterations:
-                stats.tool_cap_hit = True
                 break
         yield "done", stats.summary()
 
@@ -292,28 +300,30 @@ class ChatEngine:
         first that needs a person's approval."""
         for call in calls:
             yield "tool_call", _call_event(call)
-        index = 0
-        while index < len(calls):
-            batch: list[dict[str, Any]] = []
-            while index < len(calls) and not self._needs_asking(calls[index]):
-                batch.append(calls[index])
-                index += 1
-            if batch:
-                results = await asyncio.gather(
-                    *(self._execute(opts, stats, call, approval=None) for call in batch)
-                )
-                for event in results:
-                    yield event
-            if index < len(calls):
-                yield await self._pause_for_approval(opts, stats, calls[index:])
-                return
-
-    def _needs_asking(self, call: dict[str, Any]) -> bool:
-        name, arguments = _call_parts(call)
-        return self.approval_policy == "ask" and tools.approval_needed(name, arguments)
+        # Deciding what is destructive resolves paths: file system work, so not on the loop.
+        needed = await asyncio.to_thread(
+            lambda: [tools.approval_needed(*_call_parts(call)) for call in calls]
+        )
+        asks = self.approval_policy == "ask"
+        first_asking = next((i for i, need in enumerate(needed) if need and asks), len(calls))
+        results = await asyncio.gather(
+            *(
+                self._execute(opts, stats, call, approval=None, needed=need)
+                for call, need in zip(calls[:first_asking], needed, strict=False)
+            )
+        )
+        for event in results:
+            yield event
+        if first_asking < len(calls):
+            yield await self._pause_for_approval(opts, stats, calls[first_asking:])
 
     async def _execute(
-        self, opts: TurnOptions, stats: TurnStats, call: dict[str, Any], approval: bool | None
+        self,
+        opts: TurnOptions,
+        stats: TurnStats,
+        call: dict[str, Any],
+        approval: bool | None,
+        needed: bool = True,
     ) -> Event:
         """Run (or, when refused, answer for) one tool call and store its result."""
         name, arguments = _call_parts(call)
@@ -343,7 +353,7 @@ class ChatEngine:
                 arguments=arguments,
                 status=result.get("status", "error") if approval is not False else "refused",
                 duration_ms=duration_ms,
-                approval=_approval_label(approval, self.approval_policy, name, arguments),
+                approval=_approval_label(approval, needed, self.approval_policy),
                 error=result.get("error"),
             )
         )
@@ -385,19 +395,7 @@ class ChatEngine:
         remaining: list[dict[str, Any]] = pending.state["remaining"]
         await self.store.delete_pending_approval(pending.conversation_id, pending.approval_id)
         yield await self._execute(opts, stats, remaining[0], approval=approve)
-        pending_next: dict[str, Any] | None = None
-        if remaining[1:]:
-            async for event in self.run_tool_calls(opts, stats, remaining[1:]):
-                pending_next = event[1] if event[0] == "approval_required" else pending_next
-                yield event
-        if pending_next:
-            yield "done", {**stats.summary(), "pending_approval": pending_next}
-            return
-        if stats.iterations >= self.max_iterations:
-            stats.tool_cap_hit = True
-            yield "done", stats.summary()
-            return
-        async for event in self.run(opts, stats, budget):
+        async for event in self.run(opts, stats, budget, calls=remaining[1:]):
             yield event
 
 
@@ -503,12 +501,10 @@ def _call_event(call: dict[str, Any]) -> dict[str, Any]:
     return {"id": call.get("id", ""), "name": name, "arguments": arguments}
 
 
-def _approval_label(approval: bool | None, policy: str, name: str, arguments: Any) -> str:
-    if approval is True:
-        return "approved"
-    if approval is False:
-        return "denied"
-    if not tools.approval_needed(name, arguments):
+def _approval_label(approval: bool | None, needed: bool, policy: str) -> str:
+    if approval is not None:
+        return "approved" if approval else "denied"
+    if not needed:
         return "not_needed"
     return "auto" if policy == "auto" else "policy_denied"
 

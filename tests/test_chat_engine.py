@@ -238,3 +238,37 @@ def test_naming_an_unknown_tool_is_a_400(make_gateway, tmp_path: Path) -> None: 
     reply = chat(server, "hi", tool_choice={"type": "function", "function": {"name": "nuke"}})
     assert reply.status_code == 400
     assert "nuke" in reply.json()["detail"]
+
+
+def test_each_destructive_call_of_a_turn_is_asked_for_in_turn(make_gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server = scripted_gateway(
+        make_gateway,
+        tmp_path,
+        [
+            {
+                "content": None,
+                "tool_calls": [
+                    tool_call("delete_file", '{"path": "a.txt"}', "first"),
+                    tool_call("get_current_directory", "{}", "safe"),
+                    tool_call("delete_file", '{"path": "b.txt"}', "second"),
+                ],
+            },
+            {"content": "Both gone."},
+        ],
+    )
+    workspace = server.data_dir / "workspace"
+    for name in ("a.txt", "b.txt"):
+        (workspace / name).write_text("x")
+    first = chat(server, "delete both").json()["pending_approval"]
+    assert first["arguments"] == {"path": "a.txt"}
+    second = decide(server, first["approval_id"], True).json()
+    assert second["pending_approval"]["arguments"] == {"path": "b.txt"}
+    assert not (workspace / "a.txt").exists() and (workspace / "b.txt").exists()
+    final = decide(server, second["pending_approval"]["approval_id"], True).json()
+    assert final["response"] == "Both gone."
+    assert final["pending_approval"] is None
+    assert not (workspace / "b.txt").exists()
+    tool_ids = [
+        m["tool_call_id"] for m in requests_seen(tmp_path)[1]["messages"] if m["role"] == "tool"
+    ]
+    assert tool_ids == ["first", "safe", "second"]
