@@ -44,7 +44,7 @@ from api_models import (
     SwitchRequest,
     SwitchResponse,
 )
-from chat_engine import Event, TurnStats
+from chat_engine import ApprovalGone, Event, TurnStats
 from commands import COMMANDS, CommandError
 from gateway import Gateway, ModelFileMissing, ModelNotFound, SwitchFailed
 from llama_manager import LlamaStartError, LlamaUnavailable
@@ -95,6 +95,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     """Known failures become 4xx/5xx with a message that says what to do."""
     statuses: dict[type[Exception], int] = {
         ModelNotFound: 404,
+        ApprovalGone: 404,
         ModelFileMissing: 400,
         ContextOverflow: 400,
         CommandError: 400,
@@ -257,6 +258,7 @@ async def _sse(events: AsyncIterator[Event], extras: dict[str, Any]) -> AsyncIte
                 data = ChatResponse(**data, **extras).model_dump()
             yield {"event": name, "data": json.dumps(data)}
     except (
+        ApprovalGone,
         upstream.UpstreamError,
         ContextOverflow,
         ValueError,

@@ -28,6 +28,10 @@ Event = tuple[str, dict[str, Any]]
 FORCED_CALL_TOKENS = 256
 
 
+class ApprovalGone(LookupError):
+    """The approval was decided (or dropped with its conversation) meanwhile."""
+
+
 @dataclass
 class TurnOptions:
     """What one request asked for, resolved against the server's defaults."""
@@ -393,7 +397,11 @@ class ChatEngine:
         opts = TurnOptions(**{**pending.state["options"], "stream": stream})
         stats = TurnStats(**pending.state["stats"])
         remaining: list[dict[str, Any]] = pending.state["remaining"]
-        await self.store.delete_pending_approval(pending.conversation_id, pending.approval_id)
+        # Deleting is the claim: of two concurrent decisions on one approval, one runs.
+        if not await self.store.delete_pending_approval(
+            pending.conversation_id, pending.approval_id
+        ):
+            raise ApprovalGone(f"approval {pending.approval_id!r} was already decided")
         yield await self._execute(opts, stats, remaining[0], approval=approve)
         async for event in self.run(opts, stats, budget, calls=remaining[1:]):
             yield event

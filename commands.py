@@ -127,7 +127,9 @@ async def model_command(gw: Gateway, value: str | None, _: str) -> CommandResult
 async def roots_command(gw: Gateway, value: str | None, _: str) -> CommandResult:
     if value is not None:
         try:
-            tools.set_allowed_roots([p for p in value.split(os.pathsep) if p])
+            await asyncio.to_thread(
+                tools.set_allowed_roots, [p for p in value.split(os.pathsep) if p]
+            )
         except ValueError as exc:
             raise CommandError(str(exc)) from None
         await gw.store.set_setting("tool_roots", [str(p) for p in tools.get_allowed_roots()])

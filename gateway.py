@@ -61,13 +61,13 @@ class Gateway:
     # --- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        tools.configure(self.settings)
+        await asyncio.to_thread(tools.configure, self.settings)
         self.system_prompt = await self.store.get_setting("system_prompt", self.system_prompt)
         self.tools_enabled = bool(await self.store.get_setting("tools_enabled", True))
         saved_roots = await self.store.get_setting("tool_roots")
         if saved_roots and not self.settings.tool_roots:
             try:
-                tools.set_allowed_roots(saved_roots)
+                await asyncio.to_thread(tools.set_allowed_roots, saved_roots)
             except ValueError as exc:
                 log.warning("ignoring saved tool roots: %s", exc)
         await self.manager.detect_devices()
