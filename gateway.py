@@ -121,13 +121,18 @@ class Gateway:
 
         Fails fast (before stopping anything) for an unknown key or a missing file; if
         the new model does not load, the previous one is brought back."""
-        source = await asyncio.to_thread(self.model_source, key)
+        source = await asyncio.to_thread(self._loadable_source, key)
+        return await self.restart_llama(source)
+
+    def _loadable_source(self, key: str) -> ModelSource:
+        """The model's source, or why it cannot load (runs in a thread: it stats files)."""
+        source = self.model_source(key)
         if source.kind != "huggingface" and not (source.path and source.path.is_file()):
             raise ModelFileMissing(
                 f"model {key!r} has no file at {source.path}; put the GGUF there "
                 "(make models fetches the bundled ones)"
             )
-        return await self.restart_llama(source)
+        return source
 
     async def restart_llama(
         self, source: ModelSource | None = None, **manager_settings: int

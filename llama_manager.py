@@ -70,6 +70,8 @@ ALLOWED_TRANSITIONS: dict[ManagerState, set[ManagerState]] = {
     },
 }
 
+SETTLED_STATES = {ManagerState.READY, ManagerState.FAILED, ManagerState.STOPPED}
+
 HEALTH_STATUS = {
     ManagerState.READY: "ok",
     ManagerState.STARTING: "loading",
@@ -155,7 +157,8 @@ class LlamaServerManager:
         self._process: asyncio.subprocess.Process | None = None
         self._started_at: float | None = None
         self._log_keeper: asyncio.Task[None] | None = None
-        self._ready = asyncio.Event()
+        self._settled = asyncio.Event()  # set in a state that will not change by itself
+        self._settled.set()
         self._stale_checked = False
         self._watchdog: asyncio.Task[None] | None = None
         self._lifecycle = asyncio.Lock()
@@ -201,10 +204,10 @@ class LlamaServerManager:
         log.info("llama-server %s -> %s%s", self.state, new, f": {message}" if message else "")
         self.state = new
         self.message = message
-        if new == ManagerState.READY:
-            self._ready.set()
+        if new in SETTLED_STATES:
+            self._settled.set()
         else:
-            self._ready.clear()
+            self._settled.clear()
 
     # --- public lifecycle ------------------------------------------------------------
 
@@ -243,16 +246,14 @@ class LlamaServerManager:
     async def wait_until_serving(self, timeout_s: float) -> None:
         """Return once llama-server is ready; wait while it loads or restarts, but fail at
         once (LlamaUnavailable) when it is down for good."""
-        if self.state == ManagerState.READY:
-            return
-        if self.state in (ManagerState.FAILED, ManagerState.STOPPED):
-            raise LlamaUnavailable(f"llama-server is not running: {self.message or self.state}")
         try:
-            await asyncio.wait_for(self._ready.wait(), timeout_s)
+            await asyncio.wait_for(self._settled.wait(), timeout_s)
         except TimeoutError:
             raise LlamaUnavailable(
                 f"llama-server is still {self.state} after {timeout_s:.0f} s: {self.message}"
             ) from None
+        if self.state != ManagerState.READY:
+            raise LlamaUnavailable(f"llama-server is not running: {self.message or self.state}")
 
     async def is_healthy(self) -> bool:
         try:
