@@ -10,6 +10,8 @@ import requests
 from conftest import GatewayProcess
 from openai import OpenAI
 
+import tools
+
 
 def chat(server: GatewayProcess, text: str, conversation: str, **extra: object) -> dict:
     body = {
@@ -137,13 +139,7 @@ def test_tool_choice_required_makes_the_model_call_some_tool(gateway: GatewayPro
         tool_choice="required",
     )
     assert body["tool_calls"], body
-    assert body["tool_calls"][0]["name"] in {t["function"]["name"] for t in tools_schemas()}
-
-
-def tools_schemas() -> list[dict]:
-    import tools
-
-    return tools.get_available_tools()
+    assert body["tool_calls"][0]["name"] in tools.tool_names()
 
 
 def test_tool_choice_none_sends_no_tools(gateway: GatewayProcess) -> None:

@@ -127,7 +127,7 @@ def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(running_gateway: str, tmp_p
         chat.sendintr()
         chat.expect_exact("Stopped.")
         chat.expect_exact(PROMPT)
-        # The interrupted question stays in the history; without /clear the model answers it.
+        # Start afresh: the next answer should not continue the stopped story.
         chat.sendline("/clear")
         chat.expect_exact(PROMPT)
         chat.sendline("Say hello")
