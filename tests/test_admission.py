@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from admission import GenerationGate, KeyedLocks, Overloaded, SwitchTimeout
+from ailab.upstream.admission import GenerationGate, KeyedLocks, Overloaded, SwitchTimeout
 
 
 def test_requests_past_the_capacity_are_refused_at_once() -> None:

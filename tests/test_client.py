@@ -13,7 +13,7 @@ import pexpect
 import pytest
 from conftest import GatewayProcess, free_port
 
-from server_config import DEFAULT_SYSTEM_PROMPT
+from ailab.config import DEFAULT_SYSTEM_PROMPT
 
 REPO = Path(__file__).resolve().parent.parent
 CLIENT = REPO / "ai_client.py"

@@ -21,8 +21,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
-import ai_client
-from ai_client import (
+from ailab import client as ai_client
+from ailab.client import (
     ChatUI,
     GatewayClient,
     GatewayError,

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from exports import (
+from ailab.exports import (
     EXPORT_FORMATS,
     EXPORTERS,
     export_conversations,

@@ -11,7 +11,7 @@ import pytest
 from hf_fixture import FakeHfHub, point_hub_client_at
 from huggingface_hub import constants as hf_constants
 
-from hf_download import (
+from ailab.upstream.download import (
     DownloadError,
     DownloadProgress,
     DownloadStalled,

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-import server_config
-from model_bench import (
+from ailab import config
+from ailab.bench.model_speed import (
     BENCH_MAX_TOKENS,
     BENCH_PROMPTS,
     ModelBenchError,
@@ -23,7 +23,7 @@ from model_bench import (
     format_bench_table,
     measure_model,
 )
-from storage import Store
+from ailab.storage import Store
 
 TEST_CTX = 2048
 # The chat template wraps each prompt in a few role tokens; generous, but finite.
@@ -31,7 +31,7 @@ TEMPLATE_TOKENS_PER_PROMPT = 32
 
 
 def _llama_server_binary() -> Path:
-    settings = server_config.load_settings()
+    settings = config.load_settings()
     if settings.llama_server_path:
         return settings.llama_server_path
     cached = sorted(Path.home().glob(".cache/ailab/llama-server/*/llama-server"))
@@ -65,7 +65,7 @@ def _wait_ready(process: subprocess.Popen[bytes], base_url: str, timeout_s: floa
 
 @pytest.fixture(scope="module")
 def llama_url() -> Iterator[str]:
-    source = server_config.get_model_source(server_config.load_settings(), "smollm2-135m")
+    source = config.get_model_source(config.load_settings(), "smollm2-135m")
     assert source.path is not None and source.chat_template_path is not None
     port = _free_port()
     command = [

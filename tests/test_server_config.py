@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-import server_config
-from server_config import ConfigError, get_model_source, load_settings
+from ailab import config
+from ailab.config import ConfigError, get_model_source, load_settings
 
 
-def settings_for(tmp_path: Path, **env: str) -> server_config.Settings:
+def settings_for(tmp_path: Path, **env: str) -> config.Settings:
     return load_settings({"AILAB_DATA_DIR": str(tmp_path), **env})
 
 
@@ -56,12 +56,12 @@ def test_a_gguf_dropped_into_custom_is_listed_as_finetuned(tmp_path: Path) -> No
     (models_dir / "custom" / "My-Tune.gguf").write_bytes(b"GGUF")
     (models_dir / "custom" / "My-Tune.json").write_text(json.dumps({"base_model": "smollm2-135m"}))
     settings = settings_for(tmp_path, AILAB_MODELS_DIR=str(models_dir))
-    entry = server_config.get_all_models(settings)["my-tune"]
+    entry = config.get_all_models(settings)["my-tune"]
     assert entry["is_finetuned"] and entry["base_model"] == "smollm2-135m"
     source = get_model_source(settings, "my-tune")
     assert source.kind == "local_finetuned"
     assert source.path == models_dir / "custom" / "My-Tune.gguf"
-    assert "my-tune" not in server_config.list_available_models(settings, include_finetuned=False)
+    assert "my-tune" not in config.list_available_models(settings, include_finetuned=False)
 
 
 def test_a_hugging_face_entry_resolves_to_a_download_until_the_file_exists(tmp_path: Path) -> None:
@@ -80,7 +80,7 @@ def test_extra_models_file_registers_models_and_rejects_bad_entries(tmp_path: Pa
     extra = tmp_path / "extra.json"
     extra.write_text(json.dumps({"mine": {"filename": "mine.gguf"}}))
     settings = settings_for(tmp_path, AILAB_EXTRA_MODELS=str(extra))
-    assert "mine" in server_config.get_all_models(settings)
+    assert "mine" in config.get_all_models(settings)
     extra.write_text(json.dumps({"broken": {"name": "no file"}}))
     with pytest.raises(ConfigError, match="AILAB_EXTRA_MODELS"):
         settings_for(tmp_path, AILAB_EXTRA_MODELS=str(extra))

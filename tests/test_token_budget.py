@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from token_budget import ContextOverflow, TokenCounter, fit_messages, group_units
+from ailab.agent.token_budget import ContextOverflow, TokenCounter, fit_messages, group_units
 
 
 def word_counter() -> TokenCounter:

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-import server_config
-import tools
+from ailab import config
+from ailab import tools_all as tools
 
 
-def configure(tmp_path: Path, **env: str) -> server_config.Settings:
-    settings = server_config.load_settings({"AILAB_DATA_DIR": str(tmp_path / "data"), **env})
+def configure(tmp_path: Path, **env: str) -> config.Settings:
+    settings = config.load_settings({"AILAB_DATA_DIR": str(tmp_path / "data"), **env})
     tools.configure(settings)
     return settings
 
@@ -531,7 +531,7 @@ def test_configure_reports_a_missing_root_as_a_config_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(tools, "_POLICY", tools._POLICY)
-    with pytest.raises(server_config.ConfigError, match=r"AILAB_TOOL_ROOTS: .* does not exist"):
+    with pytest.raises(config.ConfigError, match=r"AILAB_TOOL_ROOTS: .* does not exist"):
         configure(tmp_path, AILAB_TOOL_ROOTS=str(tmp_path / "missing"))
 
 

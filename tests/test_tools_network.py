@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-import server_config
-import tools
+from ailab import config
+from ailab import tools_all as tools
 
 BODY_SENTINEL = "BODY-SENTINEL-7f3a"
 
@@ -70,7 +70,7 @@ def configure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, allow_private: bo
         "AILAB_DATA_DIR": str(tmp_path),
         "AILAB_NET_ALLOW_PRIVATE": "1" if allow_private else "0",
     }
-    tools.configure(server_config.load_settings(env))
+    tools.configure(config.load_settings(env))
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import server_config
-import tools
+from ailab import config
+from ailab import tools_all as tools
 
 SECRET_PARTS = {".ssh", ".env", "id_rsa", "server.pem"}
 
@@ -45,7 +45,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     base = tmp_path_factory.mktemp("sandbox")
     paths = build_tree(base)
     saved = tools._POLICY
-    settings_ = server_config.load_settings(
+    settings_ = config.load_settings(
         {
             "AILAB_DATA_DIR": str(base / "data"),
             "AILAB_TOOL_ROOTS": str(paths["root"]),
@@ -63,7 +63,7 @@ def fresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     monkeypatch.setattr(tools, "_POLICY", tools._POLICY)
     paths = build_tree(tmp_path)
     tools.configure(
-        server_config.load_settings(
+        config.load_settings(
             {
                 "AILAB_DATA_DIR": str(tmp_path / "data"),
                 "AILAB_TOOL_ROOTS": str(paths["root"]),
@@ -351,7 +351,7 @@ def test_gateway_database_logs_and_config_are_refused_even_inside_a_root(
     monkeypatch.setattr(tools, "_POLICY", tools._POLICY)
     data = tmp_path / "data"
     data.mkdir()
-    settings_ = server_config.load_settings(
+    settings_ = config.load_settings(
         {"AILAB_DATA_DIR": str(data), "AILAB_TOOL_ROOTS": str(data), "AILAB_TOOL_APPROVAL": "auto"}
     )
     tools.configure(settings_)
@@ -371,12 +371,10 @@ def test_gateway_configuration_is_refused_even_when_the_project_is_shared(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(tools, "_POLICY", tools._POLICY)
-    tools.configure(server_config.load_settings({"AILAB_DATA_DIR": str(tmp_path)}))
-    tools.set_allowed_roots([server_config.PROJECT_DIR])
-    assert "belongs to the AI Lab gateway" in refused("read_file", path="server_config.py")
-    assert "belongs to the AI Lab gateway" in refused(
-        "write_file", path="server_config.py", content="x"
-    )
+    tools.configure(config.load_settings({"AILAB_DATA_DIR": str(tmp_path)}))
+    tools.set_allowed_roots([config.PROJECT_DIR])
+    assert "belongs to the AI Lab gateway" in refused("read_file", path="config.py")
+    assert "belongs to the AI Lab gateway" in refused("write_file", path="config.py", content="x")
     assert tools.execute_tool("read_file", {"path": "pyproject.toml"})["status"] == "success"
 
 

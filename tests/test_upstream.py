@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-import upstream
+from ailab.upstream import proxy
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
 
@@ -42,10 +42,10 @@ def url_of(server: asyncio.Server) -> str:
 def test_a_request_on_a_connection_the_server_closed_is_retried_once() -> None:
     async def scenario() -> None:
         server, seen = await serve(["keepalive", "ok"])
-        client, _ = upstream.make_client()
+        client, _ = proxy.make_client()
         async with server, client:
-            first = await upstream.send(client, client.build_request("GET", url_of(server)))
-            second = await upstream.send(client, client.build_request("GET", url_of(server)))
+            first = await proxy.send(client, client.build_request("GET", url_of(server)))
+            second = await proxy.send(client, client.build_request("GET", url_of(server)))
         assert (first.text, second.text) == ("ok", "ok")
         assert len(seen) == 2  # the retry opened a fresh connection
 
@@ -55,10 +55,10 @@ def test_a_request_on_a_connection_the_server_closed_is_retried_once() -> None:
 def test_a_response_cut_off_midway_is_not_retried() -> None:
     async def scenario() -> None:
         server, seen = await serve(["partial", "ok"])
-        client, _ = upstream.make_client()
+        client, _ = proxy.make_client()
         async with server, client:
             with pytest.raises(httpx.RemoteProtocolError):
-                await upstream.send(client, client.build_request("GET", url_of(server)))
+                await proxy.send(client, client.build_request("GET", url_of(server)))
         assert len(seen) == 1
 
     asyncio.run(scenario())
@@ -67,11 +67,11 @@ def test_a_response_cut_off_midway_is_not_retried() -> None:
 def test_dropping_idle_connections_keeps_the_client_usable() -> None:
     async def scenario() -> None:
         server, seen = await serve(["ok"])
-        client, transport = upstream.make_client()
+        client, transport = proxy.make_client()
         async with server, client:
-            await upstream.send(client, client.build_request("GET", url_of(server)))
+            await proxy.send(client, client.build_request("GET", url_of(server)))
             await transport.aclose()
-            reply = await upstream.send(client, client.build_request("GET", url_of(server)))
+            reply = await proxy.send(client, client.build_request("GET", url_of(server)))
         assert reply.text == "ok" and len(seen) == 2
 
     asyncio.run(scenario())

@@ -14,15 +14,15 @@ from typing import Any
 
 import httpx
 
-import server_config
-import tools
-import upstream
-from admission import GenerationGate, KeyedLocks
-from api_models import ChatRequest, ModelInfo
-from chat_engine import ChatEngine, TurnOptions
-from llama_manager import LlamaServerManager, LlamaStartError
-from server_config import GENERATION_DEFAULTS, ModelSource, Settings
-from storage import AsyncStore, merge_messages
+from ailab import config
+from ailab import tools_all as tools
+from ailab.agent.engine import ChatEngine, TurnOptions
+from ailab.api.schemas import ChatRequest, ModelInfo
+from ailab.config import GENERATION_DEFAULTS, ModelSource, Settings
+from ailab.storage import AsyncStore, merge_messages
+from ailab.upstream import proxy
+from ailab.upstream.admission import GenerationGate, KeyedLocks
+from ailab.upstream.supervisor import LlamaServerManager, LlamaStartError
 
 log = logging.getLogger("ailab.gateway")
 
@@ -42,7 +42,7 @@ class SwitchFailed(RuntimeError):
 class Gateway:
     def __init__(self, settings: Settings, binary: Path) -> None:
         self.settings = settings
-        self.http, transport = upstream.make_client()
+        self.http, transport = proxy.make_client()
         self.store = AsyncStore(settings.database_path)
         self.manager = LlamaServerManager(settings, binary, self.http, transport)
         self.gate = GenerationGate(settings.parallel + settings.queue_limit, settings.switch_wait_s)
@@ -54,7 +54,7 @@ class Gateway:
             settings.max_tool_iterations,
             settings.tool_approval,
         )
-        self.system_prompt = server_config.DEFAULT_SYSTEM_PROMPT
+        self.system_prompt = config.DEFAULT_SYSTEM_PROMPT
         self.tools_enabled = True
         self._switch_lock = asyncio.Lock()
 
@@ -86,17 +86,17 @@ class Gateway:
 
     def model_source(self, key: str) -> ModelSource:
         try:
-            return server_config.get_model_source(self.settings, key)
+            return config.get_model_source(self.settings, key)
         except KeyError:
-            known = ", ".join(sorted(server_config.get_all_models(self.settings)))
+            known = ", ".join(sorted(config.get_all_models(self.settings)))
             raise ModelNotFound(f"unknown model {key!r}; known models: {known}") from None
 
     def list_models(self) -> list[ModelInfo]:
         """Every model with its file state; called in a worker thread (it stats files)."""
         current = self.manager.model.key if self.manager.model else None
         infos = []
-        for key, entry in server_config.get_all_models(self.settings).items():
-            path = server_config.model_path(self.settings, entry)
+        for key, entry in config.get_all_models(self.settings).items():
+            path = config.model_path(self.settings, entry)
             exists = bool(path and path.is_file())
             infos.append(
                 ModelInfo(

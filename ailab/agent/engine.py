@@ -18,10 +18,10 @@ from typing import Any
 
 import httpx
 
-import tools
-import upstream
-from storage import AsyncStore, AuditRecord, PendingApproval
-from token_budget import Message, TokenCounter, fit_messages
+from ailab import tools_all as tools
+from ailab.agent.token_budget import Message, TokenCounter, fit_messages
+from ailab.storage import AsyncStore, AuditRecord, PendingApproval
+from ailab.upstream import proxy
 
 Event = tuple[str, dict[str, Any]]
 
@@ -120,7 +120,7 @@ class ChatEngine:
         self._background: set[asyncio.Task[None]] = set()
 
     async def _tokenize(self, text: str) -> int:
-        body = await upstream.post_json(
+        body = await proxy.post_json(
             self.http, f"{self.llama_url}/tokenize", {"content": text, "add_special": False}
         )
         return len(body.get("tokens", []))
@@ -224,7 +224,7 @@ class ChatEngine:
                 yield event
         else:
             payload = self._payload(opts, messages, schemas)
-            body = await upstream.post_json(
+            body = await proxy.post_json(
                 self.http, f"{self.llama_url}/v1/chat/completions", payload
             )
         stats.add_usage(body, time.perf_counter() - started)
@@ -242,7 +242,7 @@ class ChatEngine:
         available = {t["function"]["name"]: t["function"] for t in tools.get_available_tools()}
         name = opts.named_tool
         if name is not None and name not in available:
-            raise upstream.UpstreamError(f"tool_choice names an unknown tool {name!r}", 400)
+            raise proxy.UpstreamError(f"tool_choice names an unknown tool {name!r}", 400)
         schema, instruction = _forced_schema(name, available)
         payload: dict[str, Any] = {
             **opts.sampling,
@@ -251,7 +251,7 @@ class ChatEngine:
             "messages": [*messages, {"role": "user", "content": instruction}],
             "response_format": {"type": "json_object", "schema": schema},
         }
-        body = await upstream.post_json(self.http, f"{self.llama_url}/v1/chat/completions", payload)
+        body = await proxy.post_json(self.http, f"{self.llama_url}/v1/chat/completions", payload)
         choice = (body.get("choices") or [{}])[0]
         call = _call_from_json((choice.get("message") or {}).get("content") or "", name)
         choice["message"] = {"role": "assistant", "content": None, "tool_calls": [call]}
@@ -270,11 +270,11 @@ class ChatEngine:
         calls: dict[int, dict[str, Any]] = {}
         finish: str | None = None
         try:
-            async with upstream.stream(self.http, request) as response:
+            async with proxy.stream(self.http, request) as response:
                 if response.status_code >= 400:
                     await response.aread()
-                    raise upstream.UpstreamError(
-                        f"llama-server: {upstream.error_message(response)}",
+                    raise proxy.UpstreamError(
+                        f"llama-server: {proxy.error_message(response)}",
                         response.status_code if response.status_code < 500 else 502,
                     )
                 async for chunk in _sse_json(response):
@@ -289,7 +289,7 @@ class ChatEngine:
                         _merge_tool_call_deltas(calls, delta.get("tool_calls") or [])
                         finish = choice.get("finish_reason") or finish
         except httpx.HTTPError as exc:
-            raise upstream.UpstreamError(f"llama-server stream failed: {exc}", 502) from exc
+            raise proxy.UpstreamError(f"llama-server stream failed: {exc}", 502) from exc
         message: Message = {"role": "assistant", "content": "".join(content) or None}
         if calls:
             message["tool_calls"] = [calls[index] for index in sorted(calls)]
@@ -529,6 +529,6 @@ async def _sse_json(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
         if isinstance(chunk, dict) and chunk.get("error"):
-            raise upstream.UpstreamError(f"llama-server: {chunk['error']}", 502)
+            raise proxy.UpstreamError(f"llama-server: {chunk['error']}", 502)
         if isinstance(chunk, dict):
             yield chunk

@@ -13,10 +13,10 @@ from typing import Any
 
 import psutil
 
-import model_bench
-import tools
-from gateway import Gateway
-from token_budget import message_text
+from ailab import tools_all as tools
+from ailab.agent.token_budget import message_text
+from ailab.bench import model_speed as model_bench
+from ailab.gateway import Gateway
 
 CommandResult = tuple[str, Any]
 Handler = Callable[[Gateway, str | None, str], Awaitable[CommandResult]]

@@ -36,10 +36,9 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_DIR))  # run as a script: bench/ is sys.path[0], not the project
+from ailab import config
 
-import server_config  # noqa: E402
+PROJECT_DIR = config.PROJECT_DIR
 
 RESULTS_DIR = PROJECT_DIR / "bench" / "results"
 REQUEST_TIMEOUT_S = 180.0
@@ -176,7 +175,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def find_llama_server(settings: server_config.Settings, given: Path | None) -> Path | None:
+def find_llama_server(settings: config.Settings, given: Path | None) -> Path | None:
     if given or settings.llama_server_path:
         return given or settings.llama_server_path
     cached = sorted(Path.home().glob(".cache/ailab/llama-server/*/llama-server"))
@@ -184,11 +183,9 @@ def find_llama_server(settings: server_config.Settings, given: Path | None) -> P
     return cached[-1] if cached else (Path(on_path) if on_path else None)
 
 
-def llama_command(
-    binary: Path, settings: server_config.Settings, model_key: str, port: int
-) -> list[str]:
+def llama_command(binary: Path, settings: config.Settings, model_key: str, port: int) -> list[str]:
     """The flags llama_manager gives llama-server, so bare and gateway run the same server."""
-    source = server_config.get_model_source(settings, model_key)
+    source = config.get_model_source(settings, model_key)
     if source.path is None or not source.path.is_file():
         raise SystemExit(f"model file for {model_key!r} is missing: run `make models`")
     command = [
@@ -236,7 +233,7 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def started_llama(
-    binary: Path, settings: server_config.Settings, model_key: str, log_path: Path
+    binary: Path, settings: config.Settings, model_key: str, log_path: Path
 ) -> Iterator[str]:
     port = free_port()
     with log_path.open("wb") as log:
@@ -614,7 +611,7 @@ def switch_gateway(bench: Bench, model_key: str) -> float:
 def start_bare(bench: Bench, model_key: str, log_dir: Path) -> float:
     """Milliseconds from starting a fresh llama-server to its first 200 on /health."""
     assert bench.binary is not None
-    settings = server_config.load_settings()
+    settings = config.load_settings()
     port = free_port()
     with (log_dir / f"start-{model_key}.log").open("wb") as log:
         started = time.perf_counter()
@@ -796,7 +793,7 @@ def start_sides(
     args: argparse.Namespace, binary: Path | None, stack: contextlib.ExitStack, log_dir: Path
 ) -> tuple[str, str, int | None]:
     """Bare and gateway URLs (started here unless given) and the gateway's pid if known."""
-    settings = server_config.load_settings()
+    settings = config.load_settings()
     if args.bare_url:
         bare_url = args.bare_url.rstrip("/")
     else:
@@ -813,7 +810,7 @@ def start_sides(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    binary = find_llama_server(server_config.load_settings(), args.llama_server)
+    binary = find_llama_server(config.load_settings(), args.llama_server)
     if binary is None and not (args.bare_url and args.gateway_url):
         raise SystemExit("no llama-server binary: run `make setup` or pass --llama-server")
     started_at = datetime.now(UTC)

@@ -1,0 +1,1 @@
+"""Speed measurement: the loaded model's speed and the gateway against a bare llama-server."""

