@@ -1014,7 +1014,11 @@ def _cmd_export_ft(ui: ChatUI, arg: str) -> None:
     _write_export(ui, path, body, f"{examples} training examples")
 
 
-@command("bench", "/bench [KEYS]", "compare generation speed (all models, or the KEYS given)")
+@command(
+    "bench",
+    "/bench [KEYS]",
+    "measure generation speed (the current model, or each of the KEYS given)",
+)
 def _cmd_bench(ui: ChatUI, arg: str) -> None:
     keys = ",".join(k for k in re.split(r"[,\s]+", arg) if k) or None
     ui.run_command("bench", keys, busy="Benchmarking (each model is loaded in turn)…")

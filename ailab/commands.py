@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import subprocess
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,13 +18,14 @@ import psutil
 from ailab import tools_all as tools
 from ailab.agent.token_budget import message_text
 from ailab.bench import model_speed as model_bench
+from ailab.errors import BadRequest
 from ailab.gateway import Gateway
 
 CommandResult = tuple[str, Any]
 Handler = Callable[[Gateway, str | None, str], Awaitable[CommandResult]]
 
 
-class CommandError(ValueError):
+class CommandError(BadRequest):
     """A command got a value it cannot use; the message says what is accepted."""
 
 
@@ -63,7 +66,7 @@ async def ctx_command(gw: Gateway, value: str | None, _: str) -> CommandResult:
     return f"Context size set to {gw.manager.n_ctx}; llama-server restarted", gw.manager.n_ctx
 
 
-def _memory_snapshot(llama_pid: int | None) -> dict[str, Any]:
+def _memory_snapshot(llama_pid: int | None, gpu_in_use: bool) -> dict[str, Any]:
     mb = 1024 * 1024
     llama_rss = None
     if llama_pid:
@@ -77,12 +80,33 @@ def _memory_snapshot(llama_pid: int | None) -> dict[str, Any]:
         "llama_rss_mb": llama_rss,
         "system_total_mb": round(system.total / mb),
         "system_available_mb": round(system.available / mb),
-        "gpu": None,
+        "gpu": _gpu_memory() if gpu_in_use else None,
     }
 
 
+def _gpu_memory() -> list[dict[str, Any]] | None:
+    """Used and total memory per NVIDIA GPU from nvidia-smi; None where it cannot say."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    query = [
+        "nvidia-smi",
+        "--query-gpu=name,memory.used,memory.total",
+        "--format=csv,noheader,nounits",
+    ]
+    try:
+        output = subprocess.run(query, capture_output=True, text=True, timeout=5, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    gpus = []
+    for line in output.strip().splitlines():
+        name, used, total = (part.strip() for part in line.rsplit(",", 2))
+        gpus.append({"name": name, "used_mb": int(used), "total_mb": int(total)})
+    return gpus
+
+
 async def mem_command(gw: Gateway, value: str | None, _: str) -> CommandResult:
-    snapshot = await asyncio.to_thread(_memory_snapshot, gw.manager.pid)
+    in_use = gw.manager.device != "CPU"
+    snapshot = await asyncio.to_thread(_memory_snapshot, gw.manager.pid, in_use)
     message = (
         f"gateway {snapshot['gateway_rss_mb']} MB, llama-server {snapshot['llama_rss_mb']} MB, "
         f"system {snapshot['system_available_mb']} of {snapshot['system_total_mb']} MB free"
@@ -118,7 +142,7 @@ async def reset_command(gw: Gateway, value: str | None, conversation_id: str) ->
 
 async def model_command(gw: Gateway, value: str | None, _: str) -> CommandResult:
     if value is None:
-        key = gw.manager.model.key if gw.manager.model else None
+        key = gw.manager.model_key
         return f"Current model: {key}", key
     previous, seconds = await gw.switch_model(value)
     return f"Switched from {previous} to {value} in {seconds:.1f} s", value
@@ -139,14 +163,14 @@ async def roots_command(gw: Gateway, value: str | None, _: str) -> CommandResult
 
 async def bench_command(gw: Gateway, value: str | None, _: str) -> CommandResult:
     """Measure the current model (or several, switching between them and back)."""
-    original = gw.manager.model.key if gw.manager.model else None
+    original = gw.manager.model_key
     keys = [k.strip() for k in value.split(",") if k.strip()] if value else [original]
     for key in keys:
         await asyncio.to_thread(gw.model_source, str(key))  # unknown keys fail before a switch
     results = []
     try:
         for key in keys:
-            if key != (gw.manager.model.key if gw.manager.model else None):
+            if key != gw.manager.model_key:
                 await gw.switch_model(str(key))
             async with gw.gate.exclusive():  # chats must not share llama-server meanwhile
                 result = await model_bench.measure_model(

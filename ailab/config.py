@@ -105,6 +105,8 @@ class Settings(BaseModel):
     llama_host: str = "127.0.0.1"
     llama_port: int = Field(8081, ge=1, le=65535)
     llama_server_path: Path | None = None
+    build_cache: Path
+    cuda: Literal["auto", "on", "off"] = "auto"
     llama_cache: Path
     models_dir: Path
     default_model: str = "smollm2-135m"
@@ -156,6 +158,8 @@ ENV_FIELDS: dict[str, str] = {
     "AILAB_PORT": "port",
     "AILAB_LLAMA_PORT": "llama_port",
     "LLAMA_SERVER_PATH": "llama_server_path",
+    "AILAB_BUILD_CACHE": "build_cache",
+    "AILAB_CUDA": "cuda",
     "LLAMA_CACHE": "llama_cache",
     "AILAB_MODELS_DIR": "models_dir",
     "AILAB_DEFAULT_MODEL": "default_model",
@@ -200,6 +204,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         "data_dir": data_dir,
         "models_dir": PROJECT_DIR / "models",
         "llama_cache": Path.home() / ".cache" / "ailab" / "hf",
+        "build_cache": Path.home() / ".cache" / "ailab",
     }
     for name, field in ENV_FIELDS.items():
         raw = env.get(name)

@@ -19,6 +19,7 @@ from ailab import tools_all as tools
 from ailab.agent.engine import ChatEngine, TurnOptions
 from ailab.api.schemas import ChatRequest, ModelInfo
 from ailab.config import GENERATION_DEFAULTS, ModelSource, Settings
+from ailab.errors import AilabError, BadRequest, NotFound
 from ailab.storage import AsyncStore, merge_messages
 from ailab.upstream import proxy
 from ailab.upstream.admission import GenerationGate, KeyedLocks
@@ -27,15 +28,15 @@ from ailab.upstream.supervisor import LlamaServerManager, LlamaStartError
 log = logging.getLogger("ailab.gateway")
 
 
-class ModelNotFound(LookupError):
+class ModelNotFound(NotFound):
     """No model is registered or discovered under this key."""
 
 
-class ModelFileMissing(FileNotFoundError):
+class ModelFileMissing(BadRequest):
     """The model is registered but its file is not on disk."""
 
 
-class SwitchFailed(RuntimeError):
+class SwitchFailed(AilabError):
     """The new model failed to load; the message says whether the old one came back."""
 
 
@@ -93,7 +94,7 @@ class Gateway:
 
     def list_models(self) -> list[ModelInfo]:
         """Every model with its file state; called in a worker thread (it stats files)."""
-        current = self.manager.model.key if self.manager.model else None
+        current = self.manager.model_key
         infos = []
         for key, entry in config.get_all_models(self.settings).items():
             path = config.model_path(self.settings, entry)
@@ -176,7 +177,7 @@ class Gateway:
     def token_budget(self, max_tokens: int) -> int:
         n_ctx = self.manager.n_ctx
         if max_tokens >= n_ctx:
-            raise ValueError(
+            raise BadRequest(
                 f"max_tokens={max_tokens} leaves no room for the conversation in a "
                 f"{n_ctx}-token context; use a smaller max_tokens"
             )
@@ -195,7 +196,7 @@ class Gateway:
         incoming = [m.model_dump(exclude_none=True) for m in request.messages]
         merged = merge_messages(stored, incoming)
         if not merged.new_messages:
-            raise ValueError("the request holds no new message after the stored history")
+            raise BadRequest("the request holds no new message after the stored history")
         await self.store.append_messages(conversation_id, merged.new_messages)
         sampling = {
             name: getattr(request, name) if getattr(request, name) is not None else default
@@ -214,7 +215,7 @@ class Gateway:
     def chat_extras(self, conversation_id: str) -> dict[str, Any]:
         return {
             "conversation_id": conversation_id,
-            "model_key": self.manager.model.key if self.manager.model else None,
+            "model_key": self.manager.model_key,
             "device": self.manager.device,
         }
 

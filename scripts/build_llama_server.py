@@ -20,9 +20,12 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from ailab import config
+from ailab.upstream import binaries
+
 SDIST_NAME = "llama-cpp-python"
-SDIST_VERSION = "0.3.36"
-CACHE_ROOT = Path(os.environ.get("AILAB_BUILD_CACHE", Path.home() / ".cache" / "ailab"))
+SDIST_VERSION = binaries.SDIST_VERSION
+TARGETS = binaries.PROGRAMS
 
 
 def log(message: str) -> None:
@@ -35,9 +38,6 @@ def gpu_present() -> bool:
         return False
     probe = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
     return probe.returncode == 0 and "GPU" in probe.stdout
-
-
-TARGETS = ("llama-server", "llama-quantize", "llama-finetune", "ggml-rpc-server")
 
 
 def cmake_flags(cuda: bool) -> list[str]:
@@ -62,14 +62,13 @@ def cmake_flags(cuda: bool) -> list[str]:
     return flags
 
 
-def cache_dir_for(flags: list[str]) -> Path:
-    digest = hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12]
-    return CACHE_ROOT / "llama.cpp" / f"{SDIST_VERSION}-{digest}"
+def cache_dir_for(settings: config.Settings, flags: list[str]) -> Path:
+    return binaries.build_dir(settings, hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12])
 
 
-def fetch_source(workdir: Path) -> Path:
+def fetch_source(settings: config.Settings, workdir: Path) -> Path:
     """Download the pinned sdist from PyPI (or reuse a cached one) and unpack it."""
-    sdist_dir = CACHE_ROOT / "sdist"
+    sdist_dir = settings.build_cache / "sdist"
     archives = sorted(sdist_dir.glob(f"llama_cpp_python-{SDIST_VERSION}.tar.gz"))
     if not archives:
         log(f"downloading {SDIST_NAME}=={SDIST_VERSION} source from PyPI")
@@ -115,14 +114,14 @@ def build(source: Path, build_dir: Path, flags: list[str]) -> Path:
     return build_dir / "bin"
 
 
-def ensure_llama_server(cuda: bool) -> Path:
+def ensure_llama_server(settings: config.Settings, cuda: bool) -> Path:
     flags = cmake_flags(cuda)
-    target = cache_dir_for(flags)
+    target = cache_dir_for(settings, flags)
     binary = target / "llama-server"
     if binary.exists():
         return binary
     with tempfile.TemporaryDirectory(prefix="ailab-llama-build-") as tmp:
-        source = fetch_source(Path(tmp))
+        source = fetch_source(settings, Path(tmp))
         built = build(source, Path(tmp) / "build", flags)
         staging = target.with_suffix(".partial")
         shutil.rmtree(staging, ignore_errors=True)
@@ -137,17 +136,16 @@ def ensure_llama_server(cuda: bool) -> Path:
 
 
 def main() -> int:
+    settings = config.load_settings()
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument(
-        "--cuda", choices=["auto", "on", "off"], default=os.environ.get("AILAB_CUDA", "auto")
-    )
+    parser.add_argument("--cuda", choices=["auto", "on", "off"], default=settings.cuda)
     args = parser.parse_args()
-    override = os.environ.get("LLAMA_SERVER_PATH") or shutil.which("llama-server")
-    if override:
-        print(override)
+    # An explicit or installed llama-server wins, as it does when the gateway starts.
+    if settings.llama_server_path or shutil.which("llama-server"):
+        print(binaries.find_llama_server(settings))
         return 0
     cuda = args.cuda == "on" or (args.cuda == "auto" and gpu_present())
-    print(ensure_llama_server(cuda))
+    print(ensure_llama_server(settings, cuda))
     return 0
 
 

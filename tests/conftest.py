@@ -20,6 +20,8 @@ import psutil
 import pytest
 import requests
 
+from ailab.upstream import binaries
+
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 MODELS_DIR = PROJECT_DIR / "models"
 SMOLLM = MODELS_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,6 +47,19 @@ def llama_server_binary() -> Path:
         text=True,
     )
     return Path(built.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def expected_device(llama_server_binary: Path) -> str:
+    """What /health should call the device: the binary's own device list decides."""
+    listed = subprocess.run(
+        [str(llama_server_binary), "--list-devices"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return "GPU" if binaries.parse_device_list(listed.stdout) else "CPU"
 
 
 @pytest.fixture(scope="session")

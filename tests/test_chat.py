@@ -51,14 +51,16 @@ def sse_events(response: requests.Response) -> list[tuple[str, dict]]:
     return events
 
 
-def test_the_second_turn_is_sent_with_the_first(gateway: GatewayProcess) -> None:
+def test_the_second_turn_is_sent_with_the_first(
+    gateway: GatewayProcess, expected_device: str
+) -> None:
     first = chat(gateway, "My name is Ada. Say hi.", "memory")
     second = chat(gateway, "What is my name?", "memory")
     assert first["response"] and second["response"]
     assert second["tokens_input"] > first["tokens_input"] + first["tokens_generated"]
     assert second["tokens_total"] == second["tokens_input"] + second["tokens_generated"]
     assert (second["device"], second["model_key"], second["iterations"]) == (
-        "CPU",
+        expected_device,
         "smollm2-135m",
         1,
     )

@@ -27,11 +27,13 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1):  # type: 
     raise AssertionError("condition not met in time")
 
 
-def test_health_reports_the_default_model_ready_on_cpu(gateway: GatewayProcess) -> None:
+def test_health_reports_the_default_model_ready_on_its_device(
+    gateway: GatewayProcess, expected_device: str
+) -> None:
     health = requests.get(f"{gateway.url}/health", timeout=5).json()
     assert health["status"] == "ok"
     assert health["model_key"] == "smollm2-135m"
-    assert health["device"] == "CPU"
+    assert health["device"] == expected_device
     assert health["pid"] in gateway.llama_pids()
     assert health["message"] is None
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_port
 
 from ailab import config
 from ailab.bench.model_speed import (
@@ -30,25 +29,6 @@ TEST_CTX = 2048
 TEMPLATE_TOKENS_PER_PROMPT = 32
 
 
-def _llama_server_binary() -> Path:
-    settings = config.load_settings()
-    if settings.llama_server_path:
-        return settings.llama_server_path
-    cached = sorted(Path.home().glob(".cache/ailab/llama-server/*/llama-server"))
-    on_path = shutil.which("llama-server")
-    if cached:
-        return cached[-1]
-    if on_path:
-        return Path(on_path)
-    pytest.fail("no llama-server binary: run `make setup` (scripts/build_llama_server.py)")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _wait_ready(process: subprocess.Popen[bytes], base_url: str, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -64,12 +44,12 @@ def _wait_ready(process: subprocess.Popen[bytes], base_url: str, timeout_s: floa
 
 
 @pytest.fixture(scope="module")
-def llama_url() -> Iterator[str]:
+def llama_url(llama_server_binary: Path) -> Iterator[str]:
     source = config.get_model_source(config.load_settings(), "smollm2-135m")
     assert source.path is not None and source.chat_template_path is not None
-    port = _free_port()
+    port = free_port()
     command = [
-        str(_llama_server_binary()),
+        str(llama_server_binary),
         "--model", str(source.path),
         "--chat-template-file", str(source.chat_template_path),
         "--host", "127.0.0.1",
@@ -144,7 +124,7 @@ def test_measure_model_labels_the_result_with_the_given_model_and_settings(
 
 
 def test_measure_model_raises_a_clear_error_when_llama_server_is_unreachable() -> None:
-    closed_port_url = f"http://127.0.0.1:{_free_port()}"
+    closed_port_url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(ModelBenchError, match="did not answer"):
         asyncio.run(_measure(closed_port_url))
 

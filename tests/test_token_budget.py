@@ -55,8 +55,12 @@ def test_a_tool_call_is_never_separated_from_its_results() -> None:
     units = group_units([user("q"), TOOL_CALL, TOOL_RESULT, assistant("a")])
     assert units[1] == [TOOL_CALL, TOOL_RESULT]
     history = [user("q " * 10), TOOL_CALL, TOOL_RESULT, assistant("a"), user("next")]
-    kept, _ = asyncio.run(fit_messages(history, "s", 60, word_counter()))
-    assert TOOL_RESULT not in kept or TOOL_CALL in kept
+    # Budgets around the pair's size: the call and its result go (or stay) together.
+    outcomes = set()
+    for budget in range(55, 200, 5):
+        kept, _ = asyncio.run(fit_messages(history, "s", budget, word_counter()))
+        outcomes.add((TOOL_CALL in kept, TOOL_RESULT in kept))
+    assert outcomes == {(False, False), (True, True)}
 
 
 def test_the_current_turn_with_its_tool_results_is_protected() -> None:

@@ -20,6 +20,7 @@ import httpx
 
 from ailab import tools_all as tools
 from ailab.agent.token_budget import Message, TokenCounter, fit_messages
+from ailab.errors import NotFound
 from ailab.storage import AsyncStore, AuditRecord, PendingApproval
 from ailab.upstream import proxy
 
@@ -28,7 +29,7 @@ Event = tuple[str, dict[str, Any]]
 FORCED_CALL_TOKENS = 256
 
 
-class ApprovalGone(LookupError):
+class ApprovalGone(NotFound):
     """The approval was decided (or dropped with its conversation) meanwhile."""
 
 

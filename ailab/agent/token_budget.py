@@ -1,6 +1,9 @@
 """Fit a conversation into the model's context, oldest first, never silently.
 
-Counting is exact (llama-server's own tokenizer) but lazy: a byte-level tokenizer never
+Counting uses llama-server's own tokenizer on each message's text and on the tool
+definitions' JSON, but not on what the chat template wraps around them (role markers, the
+template's tool preamble), so it runs a few tokens per message low; an overflow that slips
+through is llama-server's 400, passed on. It is lazy: a byte-level tokenizer never
 produces more tokens than the text has bytes, so when the byte count already fits, no
 tokenization is needed at all. Only a conversation near the limit is tokenized.
 """
@@ -12,6 +15,8 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ailab.errors import BadRequest
+
 # Role markers and separators that a chat template adds around each message.
 PER_MESSAGE_OVERHEAD = 16
 TOKEN_CACHE_SIZE = 4096
@@ -19,7 +24,7 @@ TOKEN_CACHE_SIZE = 4096
 Message = dict[str, Any]
 
 
-class ContextOverflow(ValueError):
+class ContextOverflow(BadRequest):
     """The newest turn alone does not fit; the message says by how much."""
 
 

@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -25,8 +24,7 @@ from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
 from ailab import exports
-from ailab.agent.engine import ApprovalGone, Event, TurnStats
-from ailab.agent.token_budget import ContextOverflow
+from ailab.agent.engine import Event, TurnStats
 from ailab.api.schemas import (
     ApprovalRequest,
     AuditResponse,
@@ -44,30 +42,13 @@ from ailab.api.schemas import (
     SwitchRequest,
     SwitchResponse,
 )
-from ailab.bench.model_speed import ModelBenchError
-from ailab.commands import COMMANDS, CommandError
+from ailab.commands import COMMANDS
 from ailab.config import GENERATION_DEFAULTS, ConfigError, Settings, load_settings
-from ailab.gateway import Gateway, ModelFileMissing, ModelNotFound, SwitchFailed
-from ailab.upstream import proxy
-from ailab.upstream.admission import Overloaded, SwitchTimeout
-from ailab.upstream.supervisor import LlamaStartError, LlamaUnavailable
+from ailab.errors import AilabError, described, json_body, sse_event
+from ailab.gateway import Gateway
+from ailab.upstream import binaries, proxy
 
 log = logging.getLogger("ailab.server")
-
-
-def find_llama_server(settings: Settings) -> Path:
-    if settings.llama_server_path:
-        return settings.llama_server_path
-    on_path = shutil.which("llama-server")
-    if on_path:
-        return Path(on_path)
-    cached = sorted(Path.home().glob(".cache/ailab/llama-server/*/llama-server"))
-    if cached:
-        return cached[-1]
-    raise ConfigError(
-        "no llama-server found: run `make setup`, set LLAMA_SERVER_PATH, "
-        "or put llama-server on PATH"
-    )
 
 
 def create_app(settings: Settings, binary: Path) -> FastAPI:
@@ -93,39 +74,13 @@ def create_app(settings: Settings, binary: Path) -> FastAPI:
 
 def _install_error_handlers(app: FastAPI) -> None:
     """Known failures become 4xx/5xx with a message that says what to do."""
-    statuses: dict[type[Exception], int] = {
-        ModelNotFound: 404,
-        ApprovalGone: 404,
-        ModelFileMissing: 400,
-        ContextOverflow: 400,
-        CommandError: 400,
-        ValueError: 400,
-        SwitchTimeout: 503,
-        LlamaUnavailable: 503,
-        SwitchFailed: 500,
-        LlamaStartError: 500,
-        ModelBenchError: 502,
-    }
-    for exc_type, status in statuses.items():
 
-        async def handler(_: Request, exc: Exception, status: int = status) -> JSONResponse:
-            return JSONResponse({"detail": str(exc)}, status_code=status)
+    async def known_failure(_: Request, exc: Exception) -> JSONResponse:
+        error = described(exc)
+        return JSONResponse(json_body(error), status_code=error.status, headers=error.headers)
 
-        app.add_exception_handler(exc_type, handler)
-
-    async def overloaded(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(
-            {"detail": f"server busy: {exc}; retry shortly"},
-            status_code=429,
-            headers={"Retry-After": "1"},
-        )
-
-    async def upstream_failed(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, proxy.UpstreamError)
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
-
-    app.add_exception_handler(Overloaded, overloaded)
-    app.add_exception_handler(proxy.UpstreamError, upstream_failed)
+    app.add_exception_handler(AilabError, known_failure)
+    app.add_exception_handler(httpx.HTTPError, known_failure)
 
 
 # --- status and models -------------------------------------------------------------------
@@ -138,7 +93,7 @@ def _add_status_routes(app: FastAPI, gw: Gateway) -> None:
         download = manager.download.model_dump() if manager.download else None
         body = HealthResponse(
             status=manager.health_status,  # type: ignore[arg-type]
-            model_key=manager.model.key if manager.model else None,
+            model_key=manager.model_key,
             model_name=manager.model.name if manager.model else None,
             device=manager.device,
             pid=manager.pid,
@@ -155,7 +110,7 @@ def _add_status_routes(app: FastAPI, gw: Gateway) -> None:
     @app.get("/models", response_model=ModelsResponse)
     async def models() -> ModelsResponse:
         infos = await asyncio.to_thread(gw.list_models)
-        current = gw.manager.model.key if gw.manager.model else None
+        current = gw.manager.model_key
         return ModelsResponse(current=current, models=infos)
 
     @app.post("/model/switch", response_model=SwitchResponse)
@@ -257,18 +212,8 @@ async def _sse(events: AsyncIterator[Event], extras: dict[str, Any]) -> AsyncIte
             if name == "done":
                 data = ChatResponse(**data, **extras).model_dump()
             yield {"event": name, "data": json.dumps(data)}
-    except (
-        ApprovalGone,
-        proxy.UpstreamError,
-        ContextOverflow,
-        ValueError,
-        Overloaded,
-        SwitchTimeout,
-        LlamaUnavailable,
-    ) as exc:
-        yield {"event": "error", "data": json.dumps({"error": str(exc)})}
-    except httpx.HTTPError as exc:
-        yield {"event": "error", "data": json.dumps({"error": f"llama-server: {exc}"})}
+    except (AilabError, httpx.HTTPError) as exc:
+        yield sse_event(described(exc))
 
 
 # --- conversations -----------------------------------------------------------------------
@@ -403,7 +348,7 @@ def main() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per proxied request is noise
     try:
         settings = load_settings()
-        binary = find_llama_server(settings)
+        binary = binaries.find_llama_server(settings)
     except ConfigError as exc:
         print(f"ai_server: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

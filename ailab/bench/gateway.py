@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import platform
-import shutil
 import socket
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ailab import config
+from ailab.upstream import binaries
 
 PROJECT_DIR = config.PROJECT_DIR
 
@@ -175,37 +175,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def find_llama_server(settings: config.Settings, given: Path | None) -> Path | None:
-    if given or settings.llama_server_path:
-        return given or settings.llama_server_path
-    cached = sorted(Path.home().glob(".cache/ailab/llama-server/*/llama-server"))
-    on_path = shutil.which("llama-server")
-    return cached[-1] if cached else (Path(on_path) if on_path else None)
-
-
 def llama_command(binary: Path, settings: config.Settings, model_key: str, port: int) -> list[str]:
-    """The flags llama_manager gives llama-server, so bare and gateway run the same server."""
+    """The command the gateway's supervisor runs, so bare and gateway run the same server."""
     source = config.get_model_source(settings, model_key)
     if source.path is None or not source.path.is_file():
         raise SystemExit(f"model file for {model_key!r} is missing: run `make models`")
-    command = [
-        str(binary),
-        "--model", str(source.path),
-        "--alias", model_key,
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "-c", str(min(settings.n_ctx, source.context_length)),
-        "-ngl", str(settings.n_gpu_layers),
-        "--parallel", str(settings.parallel),
-        "--kv-unified",
-        "--metrics",
-        "--no-webui",
-    ]  # fmt: skip
-    if settings.n_threads:
-        command += ["--threads", str(settings.n_threads)]
-    if source.chat_template_path:
-        command += ["--chat-template-file", str(source.chat_template_path)]
-    return command + source.extra_args
+    n_ctx = min(settings.n_ctx, source.context_length)
+    return binaries.llama_server_command(
+        binary, source, source.path, settings=settings, port=port, n_ctx=n_ctx,
+        n_gpu_layers=settings.n_gpu_layers,
+    )  # fmt: skip
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes] | None, timeout_s: float) -> float:
@@ -810,9 +789,12 @@ def start_sides(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    binary = find_llama_server(config.load_settings(), args.llama_server)
+    binary = args.llama_server
     if binary is None and not (args.bare_url and args.gateway_url):
-        raise SystemExit("no llama-server binary: run `make setup` or pass --llama-server")
+        try:
+            binary = binaries.find_llama_server(config.load_settings())
+        except config.ConfigError as exc:
+            raise SystemExit(f"{exc} (or pass --llama-server)") from None
     started_at = datetime.now(UTC)
     load_before = warn_if_busy()
     with tempfile.TemporaryDirectory(prefix="ailab-bench-") as tmp, contextlib.ExitStack() as stack:

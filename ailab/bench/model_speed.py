@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 import httpx
 from pydantic import BaseModel, Field
 
+from ailab.errors import AilabError
+
 BENCH_MAX_TOKENS = 64
 BENCH_SEED = 42
 BENCH_TIMEOUT_S = 300.0
@@ -37,8 +39,10 @@ BENCH_PROMPTS: tuple[str, ...] = (
 )
 
 
-class ModelBenchError(RuntimeError):
+class ModelBenchError(AilabError):
     """llama-server did not answer a benchmark request usefully; the message says why."""
+
+    status = 502
 
 
 class ModelBenchResult(BaseModel):

@@ -11,12 +11,20 @@ import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from ailab.errors import AilabError, Unavailable
 
-class Overloaded(RuntimeError):
+
+class Overloaded(AilabError):
     """More requests are waiting than the queue allows."""
 
+    status = 429
+    headers = {"Retry-After": "1"}  # noqa: RUF012  # read-only class constant
 
-class SwitchTimeout(RuntimeError):
+    def __init__(self, message: str) -> None:
+        super().__init__(f"server busy: {message}; retry shortly")
+
+
+class SwitchTimeout(Unavailable):
     """A model switch took longer than a waiting request was willing to wait."""
 
 

@@ -13,15 +13,15 @@ from typing import Any
 
 import httpx
 
+from ailab.errors import AilabError
+
 DISCONNECTED_BEFORE_RESPONSE = "Server disconnected without sending a response"
 
 
-class UpstreamError(RuntimeError):
+class UpstreamError(AilabError):
     """llama-server failed or answered with an error; status is what to pass on."""
 
-    def __init__(self, message: str, status: int = 502) -> None:
-        super().__init__(message)
-        self.status = status
+    status = 502
 
 
 def _is_stale_connection(exc: httpx.HTTPError) -> bool:

@@ -23,6 +23,8 @@ import httpx
 import psutil
 
 from ailab.config import ModelSource, Settings
+from ailab.errors import AilabError, Unavailable
+from ailab.upstream import binaries
 from ailab.upstream import download as hf_download
 
 log = logging.getLogger("ailab.llama")
@@ -80,11 +82,11 @@ HEALTH_STATUS = {
 }
 
 
-class LlamaUnavailable(RuntimeError):
+class LlamaUnavailable(Unavailable):
     """llama-server cannot take a request now; the message says why."""
 
 
-class LlamaStartError(RuntimeError):
+class LlamaStartError(AilabError):
     """llama-server could not be brought up; the message says why and what to do."""
 
 
@@ -177,6 +179,10 @@ class LlamaServerManager:
         return round(time.monotonic() - self._started_at, 1)
 
     @property
+    def model_key(self) -> str | None:
+        return self.model.key if self.model else None
+
+    @property
     def n_ctx(self) -> int:
         """The context actually given to llama-server: the limit, capped by the model's."""
         model_ctx = self.model.context_length if self.model else self.n_ctx_limit
@@ -213,17 +219,7 @@ class LlamaServerManager:
 
     async def detect_devices(self) -> None:
         """Ask the binary which GPUs it can use; a CPU-only build lists none."""
-        proc = await asyncio.create_subprocess_exec(
-            str(self.binary),
-            "--list-devices",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        output, _ = await proc.communicate()
-        lines = output.decode(errors="replace").splitlines()
-        self.gpu_devices = [
-            line.strip() for line in lines if ":" in line and not line.startswith("Available")
-        ]
+        self.gpu_devices = await binaries.list_devices(self.binary)
 
     async def start(self, source: ModelSource) -> None:
         """Bring llama-server up with a model; raise LlamaStartError with the reason."""
@@ -317,25 +313,15 @@ class LlamaServerManager:
         return path
 
     def _command(self, path: Path, source: ModelSource) -> list[str]:
-        command = [
-            str(self.binary),
-            "--model", str(path),
-            "--alias", source.key,
-            "--host", self.settings.llama_host,
-            "--port", str(self.settings.llama_port),
-            "-c", str(self.n_ctx),
-            "-ngl", str(self.n_gpu_layers),
-            "--parallel", str(self.settings.parallel),
-            # One shared KV cache: any slot may use the whole context.
-            "--kv-unified",
-            "--metrics",
-            "--no-webui",
-        ]  # fmt: skip
-        if self.settings.n_threads:
-            command += ["--threads", str(self.settings.n_threads)]
-        if source.chat_template_path:
-            command += ["--chat-template-file", str(source.chat_template_path)]
-        return command + source.extra_args
+        return binaries.llama_server_command(
+            self.binary,
+            source,
+            path,
+            settings=self.settings,
+            port=self.settings.llama_port,
+            n_ctx=self.n_ctx,
+            n_gpu_layers=self.n_gpu_layers,
+        )
 
     async def _spawn(self, path: Path, source: ModelSource) -> None:
         command = self._command(path, source)
@@ -378,7 +364,7 @@ class LlamaServerManager:
                 tail = await asyncio.to_thread(_log_tail, self.log_path)
                 self._fail(
                     f"llama-server exited with code {process.returncode} while loading "
-                    f"{self.model.key if self.model else '?'}:\n{tail}"
+                    f"{self.model_key or '?'}:\n{tail}"
                 )
             if await self.is_healthy():
                 self._started_at = time.monotonic()
