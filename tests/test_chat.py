@@ -259,7 +259,7 @@ def test_requests_past_the_queue_are_turned_away_with_retry_after(make_gateway) 
     assert headers[statuses.index(429)] == "1"
 
 
-def test_a_request_during_a_model_switch_waits_and_succeeds(make_gateway) -> None:  # type: ignore[no-untyped-def]
+def test_a_request_during_a_model_switch_waits_and_is_served_by_the_new_model(make_gateway) -> None:  # type: ignore[no-untyped-def]
     server: GatewayProcess = make_gateway()
     results: dict[str, int] = {}
 
@@ -271,6 +271,13 @@ def test_a_request_during_a_model_switch_waits_and_succeeds(make_gateway) -> Non
 
     switcher = threading.Thread(target=switch)
     switcher.start()
+    # Send the chat only once the switch is under way (health no longer "ok").
+    for _ in range(2000):
+        if requests.get(f"{server.url}/health", timeout=5).json()["status"] != "ok":
+            break
+        time.sleep(0.002)
+    else:
+        raise AssertionError("the switch never showed on /health")
     reply = requests.post(
         f"{server.url}/chat",
         json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
@@ -279,6 +286,7 @@ def test_a_request_during_a_model_switch_waits_and_succeeds(make_gateway) -> Non
     switcher.join()
     assert results["switch"] == 200
     assert reply.status_code == 200
+    assert reply.json()["model_key"] == "gemma3-270m"
 
 
 def test_commands_get_and_set_server_state(gateway: GatewayProcess) -> None:
@@ -376,3 +384,53 @@ def test_a_stopped_stream_keeps_the_partial_answer_in_the_history(gateway: Gatew
         time.sleep(0.1)
     assert [m["role"] for m in stored] == ["user", "assistant"]
     assert stored[1]["content"]
+
+
+def _forced_delete(server: GatewayProcess, conversation: str) -> dict:
+    """Ask the real model, forced to call delete_file, to delete notes.txt."""
+    return chat(
+        server,
+        "Delete the file notes.txt",
+        conversation,
+        enable_tools=True,
+        tool_choice={"type": "function", "function": {"name": "delete_file"}},
+    )
+
+
+def _decide(server: GatewayProcess, conversation: str, approval_id: str, approve: bool) -> dict:
+    reply = requests.post(
+        f"{server.url}/chat/approve",
+        json={"conversation_id": conversation, "approval_id": approval_id, "approve": approve},
+        timeout=120,
+    )
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_a_real_destructive_call_waits_for_approval_and_runs_when_approved(
+    gateway: GatewayProcess,
+) -> None:
+    notes = gateway.data_dir / "workspace" / "notes.txt"
+    notes.write_text("keep me?")
+    first = _forced_delete(gateway, "approve-real")
+    pending = first["pending_approval"]
+    assert pending is not None, (first, history(gateway, "approve-real"))
+    assert pending["tool"] == "delete_file"
+    assert notes.exists()  # nothing ran before the decision
+    _decide(gateway, "approve-real", pending["approval_id"], approve=True)
+    results = [m for m in history(gateway, "approve-real") if m["role"] == "tool"]
+    assert len(results) == 1
+    assert ('"status": "success"' in results[0]["content"]) != notes.exists()
+
+
+def test_a_real_destructive_call_declined_leaves_the_file_untouched(
+    gateway: GatewayProcess,
+) -> None:
+    notes = gateway.data_dir / "workspace" / "notes.txt"
+    notes.write_text("keep me")
+    pending = _forced_delete(gateway, "decline-real")["pending_approval"]
+    assert pending["tool"] == "delete_file"
+    _decide(gateway, "decline-real", pending["approval_id"], approve=False)
+    assert notes.read_text() == "keep me"
+    results = [m for m in history(gateway, "decline-real") if m["role"] == "tool"]
+    assert len(results) == 1 and "declined" in results[0]["content"]

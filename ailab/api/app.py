@@ -194,23 +194,25 @@ def _add_chat_routes(app: FastAPI, gw: Gateway) -> None:
 async def _respond(
     gw: Gateway, events: AsyncIterator[Event], conversation_id: str, stream: bool
 ) -> Response:
-    extras = gw.chat_extras(conversation_id)
+    # The model that served the turn is known only at its end (a switch may run between).
     if stream:
-        return EventSourceResponse(_sse(events, extras), ping=15)
+        return EventSourceResponse(_sse(gw, events, conversation_id), ping=15)
     final: dict[str, Any] = {}
     async for name, data in events:
         if name == "done":
             final = data
-    return JSONResponse(ChatResponse(**final, **extras).model_dump())
+    return JSONResponse(ChatResponse(**final, **gw.chat_extras(conversation_id)).model_dump())
 
 
-async def _sse(events: AsyncIterator[Event], extras: dict[str, Any]) -> AsyncIterator[dict]:
+async def _sse(
+    gw: Gateway, events: AsyncIterator[Event], conversation_id: str
+) -> AsyncIterator[dict]:
     """Events as SSE; a failure mid-stream becomes an `error` event and a clean close.
     A client that disconnects cancels this generator, which closes the upstream stream."""
     try:
         async for name, data in events:
             if name == "done":
-                data = ChatResponse(**data, **extras).model_dump()
+                data = ChatResponse(**data, **gw.chat_extras(conversation_id)).model_dump()
             yield {"event": name, "data": json.dumps(data)}
     except (AilabError, httpx.HTTPError) as exc:
         yield sse_event(described(exc))
