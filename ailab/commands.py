@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 
-from ailab import tools_all as tools
+from ailab import tools
 from ailab.agent.token_budget import message_text
 from ailab.bench import model_speed as model_bench
 from ailab.errors import BadRequest
@@ -151,13 +151,13 @@ async def model_command(gw: Gateway, value: str | None, _: str) -> CommandResult
 async def roots_command(gw: Gateway, value: str | None, _: str) -> CommandResult:
     if value is not None:
         try:
-            await asyncio.to_thread(
-                tools.set_allowed_roots, [p for p in value.split(os.pathsep) if p]
+            gw.tool_policy = await asyncio.to_thread(
+                gw.tool_policy.with_roots, [p for p in value.split(os.pathsep) if p]
             )
         except ValueError as exc:
             raise CommandError(str(exc)) from None
-        await gw.store.set_setting("tool_roots", [str(p) for p in tools.get_allowed_roots()])
-    roots = [str(p) for p in tools.get_allowed_roots()]
+        await gw.store.set_setting("tool_roots", [str(p) for p in gw.tool_policy.roots])
+    roots = [str(p) for p in gw.tool_policy.roots]
     return "Tool roots: " + os.pathsep.join(roots), roots
 
 

@@ -14,8 +14,7 @@ from typing import Any
 
 import httpx
 
-from ailab import config
-from ailab import tools_all as tools
+from ailab import config, tools
 from ailab.agent.engine import ChatEngine, TurnOptions
 from ailab.api.schemas import ChatRequest, ModelInfo
 from ailab.config import GENERATION_DEFAULTS, ModelSource, Settings
@@ -48,12 +47,14 @@ class Gateway:
         self.manager = LlamaServerManager(settings, binary, self.http, transport)
         self.gate = GenerationGate(settings.parallel + settings.queue_limit, settings.switch_wait_s)
         self.conversation_locks = KeyedLocks()
+        # Shares nothing until start() applies the settings; /roots replaces it.
+        self.tool_policy = tools.ToolPolicy()
         self.engine = ChatEngine(
             self.http,
             self.store,
             settings.llama_base_url,
             settings.max_tool_iterations,
-            settings.tool_approval,
+            lambda: self.tool_policy,
         )
         self.system_prompt = config.DEFAULT_SYSTEM_PROMPT
         self.tools_enabled = True
@@ -62,13 +63,13 @@ class Gateway:
     # --- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        await asyncio.to_thread(tools.configure, self.settings)
+        self.tool_policy = await asyncio.to_thread(tools.ToolPolicy.from_settings, self.settings)
         self.system_prompt = await self.store.get_setting("system_prompt", self.system_prompt)
         self.tools_enabled = bool(await self.store.get_setting("tools_enabled", True))
         saved_roots = await self.store.get_setting("tool_roots")
         if saved_roots and not self.settings.tool_roots:
             try:
-                await asyncio.to_thread(tools.set_allowed_roots, saved_roots)
+                self.tool_policy = await asyncio.to_thread(self.tool_policy.with_roots, saved_roots)
             except ValueError as exc:
                 log.warning("ignoring saved tool roots: %s", exc)
         await self.manager.detect_devices()

@@ -10,7 +10,7 @@ import requests
 from conftest import GatewayProcess
 from openai import OpenAI
 
-from ailab import tools_all as tools
+from ailab import tools
 
 
 def chat(server: GatewayProcess, text: str, conversation: str, **extra: object) -> dict:

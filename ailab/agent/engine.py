@@ -12,13 +12,13 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
-from ailab import tools_all as tools
+from ailab import tools
 from ailab.agent.token_budget import Message, TokenCounter, fit_messages
 from ailab.errors import NotFound
 from ailab.storage import AsyncStore, AuditRecord, PendingApproval
@@ -110,13 +110,13 @@ class ChatEngine:
         store: AsyncStore,
         llama_url: str,
         max_iterations: int,
-        approval_policy: str,
+        tool_policy: Callable[[], tools.ToolPolicy],
     ) -> None:
         self.http = http
         self.store = store
         self.llama_url = llama_url
         self.max_iterations = max_iterations
-        self.approval_policy = approval_policy
+        self.tool_policy = tool_policy  # the gateway's current one, read per batch of calls
         self.counter = TokenCounter(self._tokenize)
         self._background: set[asyncio.Task[None]] = set()
 
@@ -305,15 +305,16 @@ class ChatEngine:
         first that needs a person's approval."""
         for call in calls:
             yield "tool_call", _call_event(call)
+        policy = self.tool_policy()
         # Deciding what is destructive resolves paths: file system work, so not on the loop.
         needed = await asyncio.to_thread(
-            lambda: [tools.approval_needed(*_call_parts(call)) for call in calls]
+            lambda: [tools.approval_needed(policy, *_call_parts(call)) for call in calls]
         )
-        asks = self.approval_policy == "ask"
+        asks = policy.approval == "ask"
         first_asking = next((i for i, need in enumerate(needed) if need and asks), len(calls))
         results = await asyncio.gather(
             *(
-                self._execute(opts, stats, call, approval=None, needed=need)
+                self._execute(opts, stats, call, policy, approval=None, needed=need)
                 for call, need in zip(calls[:first_asking], needed, strict=False)
             )
         )
@@ -327,6 +328,7 @@ class ChatEngine:
         opts: TurnOptions,
         stats: TurnStats,
         call: dict[str, Any],
+        policy: tools.ToolPolicy,
         approval: bool | None,
         needed: bool = True,
     ) -> Event:
@@ -337,7 +339,7 @@ class ChatEngine:
             result = {"status": "error", "error": "The user declined this operation."}
         else:
             result = await asyncio.to_thread(
-                tools.execute_tool, name, arguments, approved=bool(approval)
+                tools.execute_tool, policy, name, arguments, approved=bool(approval)
             )
         duration_ms = (time.perf_counter() - started) * 1000
         await self.store.append_messages(
@@ -358,7 +360,7 @@ class ChatEngine:
                 arguments=arguments,
                 status=result.get("status", "error") if approval is not False else "refused",
                 duration_ms=duration_ms,
-                approval=_approval_label(approval, needed, self.approval_policy),
+                approval=_approval_label(approval, needed, policy.approval),
                 error=result.get("error"),
             )
         )
@@ -403,7 +405,7 @@ class ChatEngine:
             pending.conversation_id, pending.approval_id
         ):
             raise ApprovalGone(f"approval {pending.approval_id!r} was already decided")
-        yield await self._execute(opts, stats, remaining[0], approval=approve)
+        yield await self._execute(opts, stats, remaining[0], self.tool_policy(), approval=approve)
         async for event in self.run(opts, stats, budget, calls=remaining[1:]):
             yield event
 

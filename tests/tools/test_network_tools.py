@@ -1,8 +1,7 @@
-"""Network tools: the address rule in every spelling, and real HTTP against 127.0.0.1."""
+"""The network tools under the network policy, with real HTTP against 127.0.0.1."""
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import socket
 import threading
@@ -12,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tool_helpers import settings_for
 
-from ailab import config
-from ailab import tools_all as tools
+from ailab.tools import ToolPolicy, execute_tool, network
 
 BODY_SENTINEL = "BODY-SENTINEL-7f3a"
 
@@ -64,27 +63,23 @@ def silent_port() -> Iterator[int]:
     listener.close()
 
 
-def configure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, allow_private: bool) -> None:
-    monkeypatch.setattr(tools, "_POLICY", tools._POLICY)
-    env = {
-        "AILAB_DATA_DIR": str(tmp_path),
-        "AILAB_NET_ALLOW_PRIVATE": "1" if allow_private else "0",
-    }
-    tools.configure(config.load_settings(env))
+def net_policy(tmp_path: Path, allow_private: bool) -> ToolPolicy:
+    settings = settings_for(tmp_path, AILAB_NET_ALLOW_PRIVATE="1" if allow_private else "0")
+    return ToolPolicy.from_settings(settings)
 
 
 @pytest.fixture
-def strict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    configure(tmp_path, monkeypatch, allow_private=False)
+def strict(tmp_path: Path) -> ToolPolicy:
+    return net_policy(tmp_path, allow_private=False)
 
 
 @pytest.fixture
-def private_allowed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    configure(tmp_path, monkeypatch, allow_private=True)
+def private_allowed(tmp_path: Path) -> ToolPolicy:
+    return net_policy(tmp_path, allow_private=True)
 
 
-def run(name: str, **arguments: Any) -> dict[str, Any]:
-    return tools.execute_tool(name, arguments)
+def run(policy: ToolPolicy, name: str, **arguments: Any) -> dict[str, Any]:
+    return execute_tool(policy, name, arguments)
 
 
 def fake_getaddrinfo(*answers: list[str]) -> tuple[Callable[..., Any], list[str]]:
@@ -108,136 +103,71 @@ def fake_getaddrinfo(*answers: list[str]) -> tuple[Callable[..., Any], list[str]
     return getaddrinfo, calls
 
 
-# --- address rule --------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "spelling",
-    [
-        "127.0.0.1",
-        "127.1",
-        "2130706433",
-        "0x7f000001",
-        "0x7f.1",
-        "0177.0.0.1",
-        "[::1]",
-        "::ffff:127.0.0.1",
-        "::ffff:7f00:1",
-        "::127.0.0.1",
-        "2002:7f00:1::",
-        "64:ff9b::7f00:1",
-        "64:ff9b::a9fe:a9fe",
-        "169.254.169.254",
-        "fd00:ec2::254",
-        "0.0.0.0",
-        "0",
-        "::",
-        "10.0.0.1",
-        "172.16.0.1",
-        "192.168.1.1",
-        "100.64.0.1",
-        "224.0.0.1",
-        "ff02::1",
-        "fe80::1%eth0",
-        "fc00::1",
-        "240.0.0.1",
-        "255.255.255.255",
-    ],
-)
-def test_non_public_addresses_are_refused_in_every_spelling(spelling: str) -> None:
-    ip = tools.parse_ip_literal(spelling)
-    assert ip is not None
-    assert tools.address_problem(ip) is not None
-
-
-def test_odd_spellings_parse_to_the_address_they_mean() -> None:
-    loopback = ipaddress.ip_address("127.0.0.1")
-    for spelling in ("2130706433", "0x7f000001", "0177.0.0.1", "127.1", "0x7f.0.0.1"):
-        assert tools.parse_ip_literal(spelling) == loopback
-
-
-def test_cloud_metadata_addresses_are_named_as_such() -> None:
-    for spelling in ("169.254.169.254", "fd00:ec2::254", "::ffff:169.254.169.254"):
-        ip = tools.parse_ip_literal(spelling)
-        assert ip is not None
-        assert tools.address_problem(ip) == "a cloud metadata address"
-
-
-@pytest.mark.parametrize(
-    "spelling", ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8"]
-)
-def test_public_addresses_are_allowed(spelling: str) -> None:
-    ip = tools.parse_ip_literal(spelling)
-    assert ip is not None
-    assert tools.address_problem(ip) is None
-
-
-def test_host_names_are_not_mistaken_for_addresses() -> None:
-    for name in ("example.com", "deadbeef", "localhost", "a.b.c.d"):
-        assert tools.parse_ip_literal(name) is None
-
-
 # --- lookup_hostname -----------------------------------------------------------------
 
 
-def test_lookup_of_localhost_is_refused_by_default(strict: None) -> None:
-    result = run("lookup_hostname", hostname="localhost")
+def test_lookup_of_localhost_is_refused_by_default(strict: ToolPolicy) -> None:
+    result = run(strict, "lookup_hostname", hostname="localhost")
     assert result["status"] == "error"
     assert "loopback" in result["error"] and "AILAB_NET_ALLOW_PRIVATE" in result["error"]
 
 
-def test_lookup_in_an_odd_spelling_is_refused(strict: None) -> None:
-    assert "loopback" in run("lookup_hostname", hostname="0x7f000001")["error"]
+def test_lookup_in_an_odd_spelling_is_refused(strict: ToolPolicy) -> None:
+    assert "loopback" in run(strict, "lookup_hostname", hostname="0x7f000001")["error"]
 
 
 def test_lookup_of_localhost_works_when_private_addresses_are_allowed(
-    private_allowed: None,
+    private_allowed: ToolPolicy,
 ) -> None:
-    result = run("lookup_hostname", hostname="localhost")
+    result = run(private_allowed, "lookup_hostname", hostname="localhost")
     assert result["status"] == "success"
     assert "127.0.0.1" in result["ip"] or "::1" in result["ip"]
     assert set(result) >= {"ip", "ping_ms", "ping_port", "hostname"}
 
 
-def test_lookup_accepts_a_url_and_uses_its_host(private_allowed: None) -> None:
-    result = run("lookup_hostname", hostname="http://127.0.0.1:9/x")
+def test_lookup_accepts_a_url_and_uses_its_host(private_allowed: ToolPolicy) -> None:
+    result = run(private_allowed, "lookup_hostname", hostname="http://127.0.0.1:9/x")
     assert result["hostname"] == "127.0.0.1" and result["ip"] == ["127.0.0.1"]
 
 
-def test_every_resolved_address_is_checked(strict: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_resolved_address_is_checked(
+    strict: ToolPolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
     getaddrinfo, _ = fake_getaddrinfo(["8.8.8.8", "10.1.2.3"])
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    result = run("lookup_hostname", hostname="mixed.example")
+    result = run(strict, "lookup_hostname", hostname="mixed.example")
     assert result["status"] == "error" and "10.1.2.3" in result["error"]
 
 
-def test_unknown_names_give_a_readable_error(strict: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_names_give_a_readable_error(
+    strict: ToolPolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def no_such_name(*args: Any, **kwargs: Any) -> list[Any]:
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", no_such_name)
-    assert "cannot resolve" in run("lookup_hostname", hostname="nope.invalid")["error"]
+    assert "cannot resolve" in run(strict, "lookup_hostname", hostname="nope.invalid")["error"]
 
 
 # --- measure_http_latency ------------------------------------------------------------
 
 
 def test_local_server_is_refused_by_default(
-    strict: None, http_server: tuple[int, list[str]]
+    strict: ToolPolicy, http_server: tuple[int, list[str]]
 ) -> None:
     port, requested = http_server
-    assert "port" in run("measure_http_latency", url=f"http://127.0.0.1:{port}/")["error"]
+    assert "port" in run(strict, "measure_http_latency", url=f"http://127.0.0.1:{port}/")["error"]
     for url in ("http://127.0.0.1/", "http://2130706433/", "http://[::1]/", "localhost"):
-        error = run("measure_http_latency", url=url)["error"]
+        error = run(strict, "measure_http_latency", url=url)["error"]
         assert "loopback" in error, url
     assert requested == []
 
 
 def test_local_server_is_measured_when_private_addresses_are_allowed(
-    private_allowed: None, http_server: tuple[int, list[str]]
+    private_allowed: ToolPolicy, http_server: tuple[int, list[str]]
 ) -> None:
     port, requested = http_server
-    result = run("measure_http_latency", url=f"http://127.0.0.1:{port}/page?q=1")
+    result = run(private_allowed, "measure_http_latency", url=f"http://127.0.0.1:{port}/page?q=1")
     assert result["status"] == "success", result
     assert result["status_code"] == 200 and result["latency_ms"] >= 0
     assert result["ip"] == "127.0.0.1"
@@ -245,46 +175,46 @@ def test_local_server_is_measured_when_private_addresses_are_allowed(
 
 
 def test_the_body_is_never_returned(
-    private_allowed: None, http_server: tuple[int, list[str]]
+    private_allowed: ToolPolicy, http_server: tuple[int, list[str]]
 ) -> None:
     port, _ = http_server
-    result = run("measure_http_latency", url=f"http://127.0.0.1:{port}/")
+    result = run(private_allowed, "measure_http_latency", url=f"http://127.0.0.1:{port}/")
     assert result["status"] == "success"
     assert BODY_SENTINEL not in json.dumps(result)
 
 
 def test_redirects_are_reported_not_followed(
-    private_allowed: None, http_server: tuple[int, list[str]]
+    private_allowed: ToolPolicy, http_server: tuple[int, list[str]]
 ) -> None:
     port, requested = http_server
-    result = run("measure_http_latency", url=f"http://127.0.0.1:{port}/redirect")
+    result = run(private_allowed, "measure_http_latency", url=f"http://127.0.0.1:{port}/redirect")
     assert result["status_code"] == 302 and result["redirect_not_followed"] is True
     assert requested == ["/redirect"]
 
 
 def test_a_server_that_never_answers_times_out(
-    private_allowed: None, silent_port: int, monkeypatch: pytest.MonkeyPatch
+    private_allowed: ToolPolicy, silent_port: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tools, "NET_TIMEOUT_S", 0.3)
-    result = run("measure_http_latency", url=f"http://127.0.0.1:{silent_port}/")
+    monkeypatch.setattr(network, "NET_TIMEOUT_S", 0.3)
+    result = run(private_allowed, "measure_http_latency", url=f"http://127.0.0.1:{silent_port}/")
     assert result["status"] == "error" and "within 0.3 s" in result["error"]
 
 
 def test_environment_proxies_are_ignored(
-    private_allowed: None, http_server: tuple[int, list[str]], monkeypatch: pytest.MonkeyPatch
+    private_allowed: ToolPolicy, http_server: tuple[int, list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     port, requested = http_server
     for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):
         monkeypatch.setenv(name, "http://127.0.0.1:9")
-    result = run("measure_http_latency", url=f"http://127.0.0.1:{port}/")
+    result = run(private_allowed, "measure_http_latency", url=f"http://127.0.0.1:{port}/")
     assert result["status_code"] == 200 and requested == ["/"]
 
 
-def test_a_closed_port_is_a_readable_error(private_allowed: None, silent_port: int) -> None:
+def test_a_closed_port_is_a_readable_error(private_allowed: ToolPolicy, silent_port: int) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed = probe.getsockname()[1]
-    result = run("measure_http_latency", url=f"http://127.0.0.1:{closed}/")
+    result = run(private_allowed, "measure_http_latency", url=f"http://127.0.0.1:{closed}/")
     assert result["status"] == "error" and "cannot connect" in result["error"]
 
 
@@ -300,45 +230,37 @@ def test_a_closed_port_is_a_readable_error(private_allowed: None, silent_port: i
     ],
 )
 def test_only_http_and_https_on_ports_80_and_443_are_measured(
-    strict: None, monkeypatch: pytest.MonkeyPatch, url: str, expected: str
+    strict: ToolPolicy, monkeypatch: pytest.MonkeyPatch, url: str, expected: str
 ) -> None:
-    def no_connections(*args: Any) -> None:
+    def no_connections(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("nothing may be connected to")
 
-    monkeypatch.setattr(tools, "_connect", no_connections)
-    result = run("measure_http_latency", url=url)
+    monkeypatch.setattr(network, "connect", no_connections)
+    result = run(strict, "measure_http_latency", url=url)
     assert result["status"] == "error" and expected in result["error"]
 
 
 def test_the_vetted_address_is_the_one_connected_to_without_resolving_again(
-    strict: None, monkeypatch: pytest.MonkeyPatch
+    strict: ToolPolicy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     getaddrinfo, lookups = fake_getaddrinfo(["8.8.8.8"], ["127.0.0.1"])
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     connected: list[tuple[str, int]] = []
 
-    def record(ip: Any, port: int, timeout: float) -> socket.socket:
+    def record(ip: Any, port: int, timeout: float, *, allow_private: bool) -> socket.socket:
         connected.append((str(ip), port))
         raise ConnectionRefusedError(111, "Connection refused")
 
-    monkeypatch.setattr(tools, "_connect", record)
-    result = run("measure_http_latency", url="http://rebinding.example/")
+    monkeypatch.setattr(network, "connect", record)
+    result = run(strict, "measure_http_latency", url="http://rebinding.example/")
     assert result["status"] == "error"
     assert connected == [("8.8.8.8", 80)]
     assert lookups == ["rebinding.example"]
 
 
-def test_the_peer_address_is_checked_after_connecting(
-    strict: None, http_server: tuple[int, list[str]]
-) -> None:
-    port, _ = http_server
-    with pytest.raises(tools.SandboxError, match="loopback"):
-        tools._connect(ipaddress.ip_address("127.0.0.1"), port, 1.0)
-
-
 def test_https_to_a_server_without_tls_is_a_readable_error(
-    private_allowed: None, http_server: tuple[int, list[str]]
+    private_allowed: ToolPolicy, http_server: tuple[int, list[str]]
 ) -> None:
     port, _ = http_server
-    result = run("measure_http_latency", url=f"https://127.0.0.1:{port}/")
+    result = run(private_allowed, "measure_http_latency", url=f"https://127.0.0.1:{port}/")
     assert result["status"] == "error" and "TLS with 127.0.0.1 failed" in result["error"]
