@@ -190,6 +190,11 @@ def test_history_is_trimmed_loudly_to_the_token_budget(make_gateway) -> None:  #
     for turn in range(4):
         last = chat(server, f"Turn {turn}: tell me about the number {turn} " + "please " * 40, "t")
     assert last["trimmed_messages"] > 0
+    # What was sent fits the budget (plus the chat template's few tokens per message)...
+    sent_messages = 7 - last["trimmed_messages"]  # 3 earlier turns and the new message
+    assert last["tokens_input"] <= 300 + 8 * (sent_messages + 1), last
+    # ...and nothing was deleted from the stored history.
+    assert len(history(server, "t")) == 8
 
 
 def test_conversations_survive_a_gateway_restart(make_gateway) -> None:  # type: ignore[no-untyped-def]
