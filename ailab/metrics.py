@@ -1,0 +1,225 @@
+"""Observability: the Prometheus metrics the gateway keeps, the ASGI middleware that counts
+and times every request, and the one-JSON-line-per-request access log.
+
+The middleware does no parsing: routes put what they know (model, conversation, tokens,
+time to first token) into `scope["state"]["metrics"]` via `note()`, and the middleware
+reads it when the response ends. Nothing here touches message contents or keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import queue
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+SPEED_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+ACCESS_LOG_BYTES = 10 * 1024 * 1024
+ACCESS_LOG_BACKUPS = 5
+
+
+class Metrics:
+    """The gateway's own metrics, in a registry of their own (one per app)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "ailab_http_requests",
+            "HTTP requests answered",
+            ["route", "model", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "ailab_http_request_duration_seconds",
+            "Time from request to the end of the response",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.first_token_seconds = Histogram(
+            "ailab_time_to_first_token_seconds",
+            "Time from request to the first streamed token",
+            ["route", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait_seconds = Histogram(
+            "ailab_queue_wait_seconds",
+            "Time a request waited for admission (queue place, switch, model load)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rejections = Counter(
+            "ailab_admission_rejections", "Requests turned away", ["reason"], registry=r
+        )
+        self.tokens = Counter(
+            "ailab_chat_tokens", "Tokens of /chat turns", ["model", "direction"], registry=r
+        )
+        self.tokens_per_second = Histogram(
+            "ailab_chat_generation_tokens_per_second",
+            "Generation speed of /chat model calls (llama-server's timings)",
+            ["model"],
+            buckets=SPEED_BUCKETS,
+            registry=r,
+        )
+        self.tool_calls = Counter(
+            "ailab_tool_calls",
+            "Tool calls by tool, MCP server (empty for built-ins), decision and outcome",
+            ["tool", "server", "decision", "outcome"],
+            registry=r,
+        )
+        self.tool_seconds = Histogram(
+            "ailab_tool_duration_seconds",
+            "Time a tool call ran",
+            ["tool"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    def add_collector(self, collector: Collector) -> None:
+        """A collector that reads state at scrape time (models, queue, storage)."""
+        self.registry.register(collector)
+
+    def record_chat_usage(self, model: str, stats: dict[str, Any]) -> None:
+        self.tokens.labels(model, "input").inc(stats.get("tokens_input") or 0)
+        self.tokens.labels(model, "output").inc(stats.get("tokens_generated") or 0)
+        if stats.get("tokens_per_second"):
+            self.tokens_per_second.labels(model).observe(stats["tokens_per_second"])
+
+
+def note(scope: Scope, **facts: Any) -> None:
+    """Tell the middleware what the route knows about this request (model, tokens...)."""
+    scope.setdefault("state", {}).setdefault("metrics", {}).update(facts)
+
+
+def first_token(scope: Scope) -> None:
+    """Mark the first streamed token of this request (only the first mark counts)."""
+    facts = scope.setdefault("state", {}).setdefault("metrics", {})
+    facts.setdefault("first_token_at", time.perf_counter())
+
+
+def _route_of(scope: Scope) -> str:
+    route = scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
+class MetricsMiddleware:
+    """Counts and times every request, and writes its access-log line when it ends."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: logging.Logger) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            self._record(scope, status, started, time.perf_counter())
+
+    def _record(self, scope: Scope, status: int, started: float, ended: float) -> None:
+        route = _route_of(scope)
+        facts = scope.get("state", {}).get("metrics", {})
+        model = facts.get("model") or ""
+        self.metrics.requests.labels(route, model, str(status)).inc()
+        self.metrics.request_seconds.labels(route).observe(ended - started)
+        first = facts.get("first_token_at")
+        if first is not None:
+            self.metrics.first_token_seconds.labels(route, model).observe(first - started)
+        if status == 429:
+            self.metrics.rejections.labels("overloaded").inc()
+        elif status == 503:
+            self.metrics.rejections.labels("unavailable").inc()
+        self.access_log.info(
+            json.dumps(_access_line(scope, route, status, started, ended, facts), default=str)
+        )
+
+
+def _access_line(
+    scope: Scope, route: str, status: int, started: float, ended: float, facts: dict[str, Any]
+) -> dict[str, Any]:
+    line: dict[str, Any] = {
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "method": scope.get("method"),
+        "route": route,
+        "status": status,
+        "duration_ms": round((ended - started) * 1000, 2),
+    }
+    if facts.get("first_token_at") is not None:
+        line["first_token_ms"] = round((facts["first_token_at"] - started) * 1000, 2)
+    for name in ("model", "conversation_id", "tokens_input", "tokens_output", "queue_ms"):
+        if facts.get(name) is not None:
+            line[name] = facts[name]
+    return line
+
+
+def access_logger(log_dir: Path, to_console: bool) -> tuple[logging.Logger, Any]:
+    """The access log: JSON lines into a rotating file (and the console if asked), written
+    by a thread of its own so that no request waits for the disk. Returns the logger and
+    the listener to stop at shutdown."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    handlers: list[logging.Handler] = [
+        logging.handlers.RotatingFileHandler(
+            log_dir / "access.log", maxBytes=ACCESS_LOG_BYTES, backupCount=ACCESS_LOG_BACKUPS
+        )
+    ]
+    if to_console:
+        handlers.append(logging.StreamHandler())
+    lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(lines, *handlers)
+    listener.start()
+    logger = logging.getLogger("ailab.access")
+    logger.handlers = [logging.handlers.QueueHandler(lines)]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger, listener
+
+
+def llama_metrics_text(texts: dict[str, str]) -> str:
+    """llama-server's own metrics from each running model, one family at a time with a
+    `model` label on every sample (each process reports the same families)."""
+    families: dict[str, tuple[str, str, list[str]]] = {}
+    for model, text in texts.items():
+        for family in text_string_to_metric_families(text):
+            name = _llama_name(family.name)
+            _, _, samples = families.setdefault(name, (family.documentation, family.type, []))
+            for sample in family.samples:
+                labels = {**sample.labels, "model": model}
+                rendered = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
+                samples.append(f"{_llama_name(sample.name)}{{{rendered}}} {sample.value}")
+    lines = []
+    for name, (documentation, kind, samples) in families.items():
+        lines += [f"# HELP {name} {documentation}", f"# TYPE {name} {kind}", *samples]
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def _llama_name(name: str) -> str:
+    # llama-server names its metrics "llamacpp:..."; a colon is for recording rules.
+    return "llamacpp_" + name.replace(":", "_").removeprefix("llamacpp_")
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
