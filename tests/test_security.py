@@ -39,6 +39,14 @@ BODY_ROUTES = (
 TINY_CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 
 
+def running(server: GatewayProcess) -> Iterator[GatewayProcess]:
+    """Started, then stopped however the tests (or the start itself) end."""
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="module")
 def open_gw(
     llama_server_binary: Path, real_models: None, tmp_path_factory: pytest.TempPathFactory
@@ -47,9 +55,7 @@ def open_gw(
     home = tmp_path_factory.mktemp("open-home")
     env = {"AILAB_CORS_ORIGINS": APP_ORIGIN, "HOME": str(home)}
     server = GatewayProcess(llama_server_binary, tmp_path_factory.mktemp("open"), env)
-    server.start()
-    yield server
-    server.stop()
+    yield from running(server)
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +77,7 @@ def keyed_gw(
     }
     server = GatewayProcess(llama_server_binary, tmp_path_factory.mktemp("keyed"), env)
     server.env["AILAB_ALLOWED_HOSTS"] = f"127.0.0.1,ailab.lan:{server.port}"
-    server.start()
-    yield server
-    server.stop()
+    yield from running(server)
 
 
 def bearer(key: str) -> dict[str, str]:
