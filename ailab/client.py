@@ -176,9 +176,14 @@ def chat_payload(
 class GatewayClient:
     """The gateway's HTTP API over one pooled ``requests.Session``."""
 
-    def __init__(self, base_url: str, session: requests.Session | None = None) -> None:
+    def __init__(
+        self, base_url: str, session: requests.Session | None = None, api_key: str | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
         self._session = session or requests.Session()
+        if api_key:
+            self._session.headers["Authorization"] = f"Bearer {api_key}"
 
     def request(
         self,
@@ -776,7 +781,9 @@ class ChatUI:
         def work() -> None:
             # A separate client: requests sessions are not meant to be shared by threads.
             try:
-                outcome["result"] = GatewayClient(self.client.base_url).switch_model(key)
+                outcome["result"] = GatewayClient(
+                    self.client.base_url, api_key=self.client.api_key
+                ).switch_model(key)
             except GatewayError as exc:
                 outcome["error"] = exc
 
@@ -1043,6 +1050,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("AILAB_SERVER") or DEFAULT_SERVER,
         help="gateway URL (default: $AILAB_SERVER or %(default)s)",
     )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("AILAB_API_KEY"),
+        help="the gateway's API key (default: $AILAB_API_KEY, which unlike this option "
+        "is not visible to other users in `ps`)",
+    )
     parser.add_argument("-m", "--message", help="ask one question, print the answer, exit")
     parser.add_argument("--json", action="store_true", help="with -m: print the whole response")
     parser.add_argument("--conversation", default="default", help="conversation id")
@@ -1118,7 +1131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.json and args.message is None:
         build_parser().error("--json needs -m/--message")
-    client = GatewayClient(args.server)
+    client = GatewayClient(args.server, api_key=args.api_key)
     try:
         return run_once(client, args) if args.message is not None else run_interactive(client, args)
     except ServerUnavailable as exc:

@@ -7,19 +7,26 @@ returns (message, value). A bad value raises CommandError, which becomes a 400.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import subprocess
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
 
 from ailab import tools
 from ailab.agent.token_budget import message_text
+from ailab.api import security
 from ailab.bench import model_speed as model_bench
+from ailab.config import Settings
 from ailab.errors import BadRequest
 from ailab.gateway import Gateway
+from ailab.storage import AuditRecord
+
+log = logging.getLogger("ailab.commands")
 
 CommandResult = tuple[str, Any]
 Handler = Callable[[Gateway, str | None, str], Awaitable[CommandResult]]
@@ -148,15 +155,56 @@ async def model_command(gw: Gateway, value: str | None, _: str) -> CommandResult
     return f"Switched from {previous} to {value} in {seconds:.1f} s", value
 
 
+def _roots_policy(
+    policy: tools.ToolPolicy, settings: Settings, requested: list[str]
+) -> tools.ToolPolicy:
+    """The policy with new tool roots, refusing at run time what only the start-up
+    configuration may share: the whole file system or the whole home folder. Runs in a
+    thread (it resolves paths)."""
+    at_start = {Path(os.path.realpath(p)) for p in settings.tool_roots}
+    everything = {
+        Path("/"): "the whole file system",
+        Path(os.path.realpath(Path.home())): "your whole home folder",
+    }
+    for raw in requested:
+        real = Path(os.path.realpath(os.path.expanduser(raw)))
+        if real in everything and real not in at_start:
+            raise ValueError(
+                f"{raw} would share {everything[real]} with tools; share a project folder, "
+                "or set AILAB_TOOL_ROOTS at start-up if you really mean it"
+            )
+    return policy.with_roots(requested)
+
+
 async def roots_command(gw: Gateway, value: str | None, _: str) -> CommandResult:
+    """A change is recorded in the tool audit log with who asked, refused or not: widening
+    the roots is what an attacker driving the gateway would do first."""
     if value is not None:
+        requested = [p for p in value.split(os.pathsep) if p]
+        caller = security.current_caller()
+        record = AuditRecord(
+            tool="/command roots",
+            arguments={
+                "roots": requested,
+                "previous": [str(p) for p in gw.tool_policy.roots],
+                "origin": caller.origin,
+                "client": caller.client,
+            },
+            status="success",
+            approval="not_needed",
+        )
         try:
             gw.tool_policy = await asyncio.to_thread(
-                gw.tool_policy.with_roots, [p for p in value.split(os.pathsep) if p]
+                _roots_policy, gw.tool_policy, gw.settings, requested
             )
         except ValueError as exc:
+            await gw.store.record_tool_call(
+                record.model_copy(update={"status": "refused", "error": str(exc)})
+            )
             raise CommandError(str(exc)) from None
+        await gw.store.record_tool_call(record)
         await gw.store.set_setting("tool_roots", [str(p) for p in gw.tool_policy.roots])
+        log.info("tool roots set to %s by %s (origin %s)", requested, caller.client, caller.origin)
     roots = [str(p) for p in gw.tool_policy.roots]
     return "Tool roots: " + os.pathsep.join(roots), roots
 

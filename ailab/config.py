@@ -6,8 +6,11 @@ variable once and raises ``ConfigError`` naming the variable when a value is bad
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import json
 import os
+import re
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -126,6 +129,13 @@ class Settings(BaseModel):
     net_allow_private: bool = False
     extra_models_file: Path | None = None
     hf_endpoint: str | None = None
+    # The security boundary (ailab/api/security.py). Empty allowed_hosts means the
+    # default list; ("*",) turns the Host check off.
+    allowed_hosts: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
+    # SHA-256 hex digests only: a key itself is never kept, so it cannot leak in a repr.
+    api_key_sha256: tuple[str, ...] = ()
+    allow_no_auth: bool = False
 
     @property
     def custom_models_dir(self) -> Path:
@@ -179,21 +189,132 @@ ENV_FIELDS: dict[str, str] = {
     "AILAB_NET_ALLOW_PRIVATE": "net_allow_private",
     "AILAB_EXTRA_MODELS": "extra_models_file",
     "HF_ENDPOINT": "hf_endpoint",
+    "AILAB_ALLOWED_HOSTS": "allowed_hosts",
+    "AILAB_CORS_ORIGINS": "cors_origins",
+    "AILAB_ALLOW_NO_AUTH": "allow_no_auth",
 }
+BOOLEAN_FIELDS = {"net_allow_private", "allow_no_auth"}
+MIN_KEY_CHARS = 16
+KEY_ADVICE = 'make one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
 FIELD_ENV = {field: env for env, field in ENV_FIELDS.items()}
 
 
 def _parse_env_value(field: str, raw: str) -> Any:
     if field == "tool_roots":
         return tuple(Path(p).expanduser() for p in raw.split(os.pathsep) if p)
-    if field == "net_allow_private":
+    if field in BOOLEAN_FIELDS:
         lowered = raw.strip().lower()
         if lowered not in {"0", "1", "true", "false", "yes", "no", "on", "off", ""}:
-            raise ConfigError(f"AILAB_NET_ALLOW_PRIVATE must be 0 or 1, got {raw!r}")
+            raise ConfigError(f"{FIELD_ENV[field]} must be 0 or 1, got {raw!r}")
         return lowered in {"1", "true", "yes", "on"}
+    if field == "allowed_hosts":
+        return _parse_hosts(raw)
+    if field == "cors_origins":
+        return tuple(_parse_origin(item) for item in _csv(raw))
     if field.endswith(("_dir", "_path", "_cache", "_file")):
         return Path(raw).expanduser()
     return raw
+
+
+def _csv(raw: str) -> list[str]:
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+_HOST_ENTRY = re.compile(r"^(\[[0-9a-f:.]+\]|[a-z0-9._-]+)(:[0-9]{1,5})?$")
+_ORIGIN = re.compile(r"^(https?)://(\[[0-9a-f:.]+\]|[a-z0-9._-]+)(:[0-9]{1,5})?/?$")
+
+
+def host_form(host: str) -> str:
+    """An address as it appears in a Host header: IPv6 literals go in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach. Names other than localhost may
+    resolve anywhere, so they count as reachable from outside."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_hosts(raw: str) -> tuple[str, ...]:
+    entries = _csv(raw)
+    if "*" in entries:
+        return ("*",)
+    hosts = []
+    for entry in entries:
+        entry = entry.lower()
+        bare_ipv6 = entry.count(":") > 1 and not entry.startswith("[")
+        normal = host_form(entry) if bare_ipv6 else entry
+        if not _HOST_ENTRY.match(normal):
+            raise ConfigError(
+                f"AILAB_ALLOWED_HOSTS: {entry!r} is not a host name or address "
+                "(optionally with :port), e.g. localhost,192.168.1.20:8080"
+            )
+        hosts.append(normal)
+    return tuple(hosts)
+
+
+def _parse_origin(item: str) -> str:
+    match = _ORIGIN.match(item.lower())
+    if not match:
+        raise ConfigError(
+            f"AILAB_CORS_ORIGINS: {item!r} is not an origin; give scheme, host and port "
+            "only, e.g. https://app.example.com or http://localhost:3000"
+        )
+    origin = item.lower().rstrip("/")
+    default_port = {"http": ":80", "https": ":443"}[match.group(1)]
+    return origin.removesuffix(default_port)
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _key_entry(entry: str, where: str) -> str:
+    """One configured key as its SHA-256 digest; `where` names it without showing it."""
+    if entry.lower().startswith("sha256:"):
+        digest = entry[len("sha256:") :].strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ConfigError(f"{where}: a sha256: entry needs 64 hex digits after the prefix")
+        return digest
+    if len(entry) < MIN_KEY_CHARS:
+        raise ConfigError(f"{where} is shorter than {MIN_KEY_CHARS} characters; {KEY_ADVICE}")
+    return key_digest(entry)
+
+
+def _load_api_keys(env: Mapping[str, str]) -> tuple[str, ...]:
+    """Digests of AILAB_API_KEYS and of the lines of AILAB_API_KEY_FILE. Errors name the
+    variable and the position, never the key."""
+    inline = _csv(env.get("AILAB_API_KEYS") or "")
+    digests = [_key_entry(k, f"AILAB_API_KEYS: key {n}") for n, k in enumerate(inline, 1)]
+    key_file = (env.get("AILAB_API_KEY_FILE") or "").strip()
+    if key_file:
+        try:
+            lines = Path(key_file).expanduser().read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"AILAB_API_KEY_FILE: cannot read {key_file}: {exc}") from None
+        for number, line in enumerate(lines, 1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                digests.append(_key_entry(line.strip(), f"AILAB_API_KEY_FILE line {number}"))
+        if not digests:
+            raise ConfigError(f"AILAB_API_KEY_FILE: {key_file} holds no key")
+    return tuple(digests)
+
+
+def _check_exposure(settings: Settings) -> None:
+    """Refuse to serve other machines without a key, unless the risk is accepted."""
+    if is_loopback(settings.host) or settings.api_key_sha256 or settings.allow_no_auth:
+        return
+    raise ConfigError(
+        f"AILAB_HOST={settings.host} lets other machines reach the gateway, but no API key "
+        f"is set. Set AILAB_API_KEYS=<a long random key> (or AILAB_API_KEY_FILE=<file>; "
+        f"{KEY_ADVICE}), or set AILAB_ALLOW_NO_AUTH=1 to let anyone who can reach it "
+        "use it, tools included"
+    )
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -210,6 +331,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raw = env.get(name)
         if raw is not None and raw.strip() != "":
             values[field] = _parse_env_value(field, raw.strip())
+    values["api_key_sha256"] = _load_api_keys(env)
     try:
         settings = Settings(**values)
     except ValidationError as exc:
@@ -226,6 +348,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             f"AILAB_DEFAULT_MODEL={settings.default_model!r} is not a known model; "
             f"known: {', '.join(sorted(get_all_models(settings)))}"
         )
+    _check_exposure(settings)
     return settings
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -42,9 +43,11 @@ class SwitchFailed(AilabError):
 class Gateway:
     def __init__(self, settings: Settings, binary: Path) -> None:
         self.settings = settings
-        self.http, transport = proxy.make_client()
+        # llama-server's key: new at each start, in memory only (see LlamaServerManager).
+        llama_key = secrets.token_urlsafe(32)
+        self.http, transport = proxy.make_client(llama_key)
         self.store = AsyncStore(settings.database_path)
-        self.manager = LlamaServerManager(settings, binary, self.http, transport)
+        self.manager = LlamaServerManager(settings, binary, self.http, transport, llama_key)
         self.gate = GenerationGate(settings.parallel + settings.queue_limit, settings.switch_wait_s)
         self.conversation_locks = KeyedLocks()
         # Shares nothing until start() applies the settings; /roots replaces it.

@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from ailab import exports
 from ailab.agent.engine import Event, TurnStats
+from ailab.api import security
 from ailab.api.schemas import (
     ApprovalRequest,
     AuditResponse,
@@ -38,6 +39,7 @@ from ailab.api.schemas import (
     DownloadInfo,
     HealthResponse,
     ModelsResponse,
+    PublicHealthResponse,
     StatusResponse,
     SwitchRequest,
     SwitchResponse,
@@ -64,6 +66,7 @@ def create_app(settings: Settings, binary: Path) -> FastAPI:
 
     app = FastAPI(title="AI Lab", version="0.1.0", lifespan=lifespan)
     app.state.gateway = gateway
+    security.install(app, settings)
     _install_error_handlers(app)
     _add_status_routes(app, gateway)
     _add_chat_routes(app, gateway)
@@ -87,9 +90,14 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _add_status_routes(app: FastAPI, gw: Gateway) -> None:
-    @app.get("/health", response_model=HealthResponse)
+    @app.get("/health", response_model=HealthResponse | PublicHealthResponse)
     async def health() -> JSONResponse:
         manager = gw.manager
+        status = 200 if manager.health_status == "ok" else 503
+        if not security.current_caller().authorized:
+            # Open without a key so monitors work; the details are for key holders.
+            public = PublicHealthResponse(status=manager.health_status)  # type: ignore[arg-type]
+            return JSONResponse(public.model_dump(), status_code=status)
         download = manager.download.model_dump() if manager.download else None
         body = HealthResponse(
             status=manager.health_status,  # type: ignore[arg-type]
@@ -104,7 +112,6 @@ def _add_status_routes(app: FastAPI, gw: Gateway) -> None:
             n_ctx=manager.n_ctx,
             parallel=gw.settings.parallel,
         )
-        status = 200 if body.status == "ok" else 503
         return JSONResponse(body.model_dump(), status_code=status)
 
     @app.get("/models", response_model=ModelsResponse)

@@ -103,6 +103,12 @@ class DownloadInfo(BaseModel):
     error: str | None
 
 
+class PublicHealthResponse(BaseModel):
+    """/health for a caller without a key when keys are configured: the status only."""
+
+    status: Literal["ok", "loading", "restarting", "error"]
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok", "loading", "restarting", "error"]
     model_key: str | None

@@ -3,7 +3,9 @@
 Run with `make bench` (about 3-4 minutes on 2 cores) or `bench/gateway_bench.py --quick`
 (about a minute). Starts its own llama-server ("bare") and its own gateway (which starts its
 own llama-server with the same flags) on free ports, unless --bare-url / --gateway-url name
-running ones. Requests alternate bare/gateway one by one so that noise hits both alike; the
+running ones. Both llama-servers check an API key given through their environment, as the
+gateway's always does; the bench's own gateway runs in the default configuration (loopback,
+no gateway key). Requests alternate bare/gateway one by one so that noise hits both alike; the
 throughput phase runs bare and gateway one after the other, alternating which goes first.
 Prints a table with PASS/MISS against the targets and writes it as JSON to bench/results/.
 """
@@ -15,6 +17,7 @@ import contextlib
 import json
 import os
 import platform
+import secrets
 import socket
 import statistics
 import subprocess
@@ -149,11 +152,22 @@ class Bench:
     switch_model_key: str
     binary: Path | None
     gateway_process: psutil.Process | None
-    client: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=REQUEST_TIMEOUT_S))
+    bare_key: str | None
+    gateway_key: str | None
+    bare_client: httpx.Client = field(init=False)
+    gateway_client: httpx.Client = field(init=False)
     rows: list[Row] = field(default_factory=list)
     cpu_rows: list[Row] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
     rss_samples_mb: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.bare_client = keyed_client(self.bare_key)
+        self.gateway_client = keyed_client(self.gateway_key)
+
+    def close(self) -> None:
+        self.bare_client.close()
+        self.gateway_client.close()
 
     def sample_rss(self) -> None:
         if self.gateway_process is not None:
@@ -166,7 +180,17 @@ class Bench:
         return times.user + times.system
 
 
+def keyed_client(api_key: str | None) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    return httpx.Client(timeout=REQUEST_TIMEOUT_S, headers=headers)
+
+
 # --- process handling ---------------------------------------------------------------
+
+
+def llama_env(api_key: str) -> dict[str, str]:
+    """The environment the gateway gives its llama-server: the key is never an argument."""
+    return {**os.environ, "LLAMA_API_KEY": api_key}
 
 
 def free_port() -> int:
@@ -212,12 +236,15 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def started_llama(
-    binary: Path, settings: config.Settings, model_key: str, log_path: Path
+    binary: Path, settings: config.Settings, model_key: str, log_path: Path, api_key: str
 ) -> Iterator[str]:
     port = free_port()
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            llama_command(binary, settings, model_key, port), stdout=log, stderr=log
+            llama_command(binary, settings, model_key, port),
+            stdout=log,
+            stderr=log,
+            env=llama_env(api_key),
         )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -230,8 +257,13 @@ def started_llama(
 @contextlib.contextmanager
 def started_gateway(binary: Path, model_key: str, data_dir: Path) -> Iterator[tuple[str, int]]:
     port = free_port()
+    inherited = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in {"AILAB_API_KEYS", "AILAB_API_KEY_FILE"}
+    }
     env = {
-        **os.environ,
+        **inherited,
         "AILAB_PORT": str(port),
         "AILAB_LLAMA_PORT": str(free_port()),
         "AILAB_DATA_DIR": str(data_dir),
@@ -452,13 +484,13 @@ def warm_up(bench: Bench, bare: Callable[[], object], gateway: Callable[[], obje
 def _non_streamed(
     bench: Bench, label: str, gateway_url: str, make_body: Callable[[int], dict[str, Any]]
 ) -> None:
-    c, bare_v1 = bench.client, f"{bench.bare_url}/v1/chat/completions"
+    bare_v1 = f"{bench.bare_url}/v1/chat/completions"
 
     def bare(max_tokens: int) -> float:
-        return timed_post(c, bare_v1, v1_body(max_tokens))
+        return timed_post(bench.bare_client, bare_v1, v1_body(max_tokens))
 
     def gateway(max_tokens: int) -> float:
-        return timed_post(c, gateway_url, make_body(max_tokens))
+        return timed_post(bench.gateway_client, gateway_url, make_body(max_tokens))
 
     warm_up(bench, partial(bare, 16), partial(gateway, 16))
     sent: list[int] = []
@@ -486,13 +518,15 @@ def phase_non_streamed(bench: Bench) -> None:
 def _ttft(
     bench: Bench, label: str, gateway_url: str, make_body: Callable[..., dict[str, Any]]
 ) -> None:
-    c, bare_v1 = bench.client, f"{bench.bare_url}/v1/chat/completions"
+    bare_v1 = f"{bench.bare_url}/v1/chat/completions"
 
     def bare() -> float:
-        return timed_stream(c, bare_v1, v1_body(TTFT_MAX_TOKENS, stream=True)).ttft_ms
+        body = v1_body(TTFT_MAX_TOKENS, stream=True)
+        return timed_stream(bench.bare_client, bare_v1, body).ttft_ms
 
     def gateway() -> float:
-        return timed_stream(c, gateway_url, make_body(TTFT_MAX_TOKENS, stream=True)).ttft_ms
+        body = make_body(TTFT_MAX_TOKENS, stream=True)
+        return timed_stream(bench.gateway_client, gateway_url, body).ttft_ms
 
     warm_up(bench, bare, gateway)
     bare_ms, gateway_ms = interleaved(bench, bench.plan.ttft_rounds, bare, gateway)
@@ -508,7 +542,7 @@ def phase_ttft(bench: Bench) -> None:
 
 
 def phase_stream_rate(bench: Bench) -> None:
-    c, plan = bench.client, bench.plan
+    plan = bench.plan
     body = {
         **v1_body(plan.stream_tokens, stream=True, ignore_eos=True),
         "messages": [{"role": "user", "content": LONG_PROMPT}],
@@ -516,11 +550,13 @@ def phase_stream_rate(bench: Bench) -> None:
     streams: list[int] = []
 
     def bare() -> float:
-        return timed_stream(c, f"{bench.bare_url}/v1/chat/completions", body).tokens_per_second
+        url = f"{bench.bare_url}/v1/chat/completions"
+        return timed_stream(bench.bare_client, url, body).tokens_per_second
 
     def gateway() -> float:
         streams.append(1)
-        return timed_stream(c, f"{bench.gateway_url}/v1/chat/completions", body).tokens_per_second
+        url = f"{bench.gateway_url}/v1/chat/completions"
+        return timed_stream(bench.gateway_client, url, body).tokens_per_second
 
     with gateway_cpu(bench, f"{plan.stream_tokens}-token stream", lambda: len(streams)):
         bare_rates, gateway_rates = interleaved(bench, plan.stream_rounds, bare, gateway)
@@ -537,7 +573,7 @@ def phase_stream_rate(bench: Bench) -> None:
 
 
 def throughput_run(
-    url: str, clients: int, requests_per_client: int, time_limit_s: float
+    url: str, api_key: str | None, clients: int, requests_per_client: int, time_limit_s: float
 ) -> tuple[float, float, float]:
     """Requests done, completion tokens and wall seconds with `clients` concurrent clients.
 
@@ -548,7 +584,7 @@ def throughput_run(
 
     def client_loop() -> tuple[int, int]:
         done = tokens = 0
-        with httpx.Client(timeout=REQUEST_TIMEOUT_S) as client:
+        with keyed_client(api_key) as client:
             while done < requests_per_client and (done == 0 or time.monotonic() < deadline):
                 response = client.post(f"{url}/v1/chat/completions", json=body)
                 response.raise_for_status()
@@ -568,10 +604,13 @@ def phase_throughput(bench: Bench) -> None:
     for clients in (1, 4, 8):
         per_client = max(2, plan.throughput_requests // clients)
         totals = {"bare": [0.0, 0.0, 0.0], "gateway": [0.0, 0.0, 0.0]}
-        sides = [("bare", bench.bare_url), ("gateway", bench.gateway_url)]
+        sides = [
+            ("bare", bench.bare_url, bench.bare_key),
+            ("gateway", bench.gateway_url, bench.gateway_key),
+        ]
         for round_ in range(plan.throughput_rounds):
-            for side, url in sides if round_ % 2 == 0 else sides[::-1]:
-                run = throughput_run(url, clients, per_client, plan.series_time_s)
+            for side, url, key in sides if round_ % 2 == 0 else sides[::-1]:
+                run = throughput_run(url, key, clients, per_client, plan.series_time_s)
                 totals[side] = [a + b for a, b in zip(totals[side], run, strict=True)]
         bare, gw = totals["bare"], totals["gateway"]
         bench.raw[f"throughput {clients} clients"] = totals
@@ -584,7 +623,8 @@ def phase_throughput(bench: Bench) -> None:
 
 
 def switch_gateway(bench: Bench, model_key: str) -> float:
-    return timed_post(bench.client, f"{bench.gateway_url}/model/switch", {"model_key": model_key})
+    url = f"{bench.gateway_url}/model/switch"
+    return timed_post(bench.gateway_client, url, {"model_key": model_key})
 
 
 def start_bare(bench: Bench, model_key: str, log_dir: Path) -> float:
@@ -595,7 +635,10 @@ def start_bare(bench: Bench, model_key: str, log_dir: Path) -> float:
     with (log_dir / f"start-{model_key}.log").open("wb") as log:
         started = time.perf_counter()
         process = subprocess.Popen(
-            llama_command(bench.binary, settings, model_key, port), stdout=log, stderr=log
+            llama_command(bench.binary, settings, model_key, port),
+            stdout=log,
+            stderr=log,
+            env=llama_env(secrets.token_urlsafe(32)),
         )
     try:
         wait_ready(f"http://127.0.0.1:{port}/health", process, READY_TIMEOUT_S)
@@ -742,7 +785,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="about one minute, fewer samples")
     parser.add_argument("--bare-url", help="use this running llama-server instead of one's own")
+    parser.add_argument("--bare-key", help="API key of the llama-server named by --bare-url")
     parser.add_argument("--gateway-url", help="use this running gateway instead of one's own")
+    parser.add_argument("--gateway-key", help="API key of the gateway named by --gateway-url")
     parser.add_argument("--model", default="smollm2-135m", help="model key for both sides")
     parser.add_argument("--switch-model", default="gemma3-270m", help="model key to switch to")
     parser.add_argument("--llama-server", type=Path, help="llama-server binary to use")
@@ -769,16 +814,20 @@ def run_phases(bench: Bench, args: argparse.Namespace, log_dir: Path) -> None:
 
 
 def start_sides(
-    args: argparse.Namespace, binary: Path | None, stack: contextlib.ExitStack, log_dir: Path
+    args: argparse.Namespace,
+    binary: Path | None,
+    bare_key: str | None,
+    stack: contextlib.ExitStack,
+    log_dir: Path,
 ) -> tuple[str, str, int | None]:
     """Bare and gateway URLs (started here unless given) and the gateway's pid if known."""
     settings = config.load_settings()
     if args.bare_url:
         bare_url = args.bare_url.rstrip("/")
     else:
-        assert binary is not None
+        assert binary is not None and bare_key is not None
         bare_url = stack.enter_context(
-            started_llama(binary, settings, args.model, log_dir / "bare.log")
+            started_llama(binary, settings, args.model, log_dir / "bare.log", bare_key)
         )
     if args.gateway_url:
         return bare_url, args.gateway_url.rstrip("/"), pid_listening_on(args.gateway_url)
@@ -799,7 +848,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = warn_if_busy()
     with tempfile.TemporaryDirectory(prefix="ailab-bench-") as tmp, contextlib.ExitStack() as stack:
         log_dir = Path(tmp)
-        bare_url, gateway_url, pid = start_sides(args, binary, stack, log_dir)
+        bare_key = args.bare_key if args.bare_url else secrets.token_urlsafe(32)
+        bare_url, gateway_url, pid = start_sides(args, binary, bare_key, stack, log_dir)
         bench = Bench(
             bare_url=bare_url,
             gateway_url=gateway_url,
@@ -808,8 +858,10 @@ def main(argv: list[str] | None = None) -> int:
             switch_model_key=args.switch_model,
             binary=binary,
             gateway_process=psutil.Process(pid) if pid else None,
+            bare_key=bare_key,
+            gateway_key=args.gateway_key,
         )
-        stack.callback(bench.client.close)
+        stack.callback(bench.close)
         bench.sample_rss()
         run_phases(bench, args, log_dir)
         bench.raw["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}

@@ -40,6 +40,8 @@ BACKOFF_MAX_S = 30.0
 # Marks the llama-server processes this gateway started, so stale ones can be found
 # after a crash of the gateway without ever touching anybody else's process.
 OWNER_ENV = "AILAB_LLAMA_OWNER"
+# llama-server reads its API key from here; only holders of the key may use its port.
+LLAMA_KEY_ENV = "LLAMA_API_KEY"
 
 
 class ManagerState(StrEnum):
@@ -143,8 +145,10 @@ class LlamaServerManager:
         binary: Path,
         http: httpx.AsyncClient,
         transport: httpx.AsyncHTTPTransport,
+        api_key: str,
     ) -> None:
         self.settings = settings
+        self._api_key = api_key
         self.binary = binary
         self.http = http
         self.transport = transport
@@ -326,7 +330,13 @@ class LlamaServerManager:
     async def _spawn(self, path: Path, source: ModelSource) -> None:
         command = self._command(path, source)
         log_file = await asyncio.to_thread(self._open_log, command)
-        env = {**os.environ, OWNER_ENV: str(self.settings.data_dir.resolve())}
+        # The key goes through the environment: a command line is visible to every local
+        # user in `ps`, and it is written to the log above.
+        env = {
+            **os.environ,
+            OWNER_ENV: str(self.settings.data_dir.resolve()),
+            LLAMA_KEY_ENV: self._api_key,
+        }
         try:
             # llama-server writes its own log: no line of it passes through Python.
             self._process = await asyncio.create_subprocess_exec(
