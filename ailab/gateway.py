@@ -1,13 +1,15 @@
 """The gateway's runtime: the supervised llama-server, the store, the engine and the rules
-about who may generate when. The HTTP layer (ai_server.py) only translates to and from it.
+about who may generate when. The HTTP layer (ailab/api/app.py) only translates to and
+from it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,17 @@ import httpx
 
 from ailab import config
 from ailab import tools_all as tools
-from ailab.agent.engine import ChatEngine, TurnOptions
-from ailab.api.schemas import ChatRequest, ModelInfo
+from ailab.agent.engine import ApprovalGone, ChatEngine, TurnOptions, TurnStats
+from ailab.agent.turn import (
+    SUPERSEDED_BY_MESSAGE,
+    SUPERSEDED_BY_REGENERATION,
+    Event,
+    RunningTurn,
+    TurnRecord,
+)
+from ailab.api.schemas import ApprovalRequest, ChatRequest, GenerationOptions, ModelInfo
 from ailab.config import GENERATION_DEFAULTS, ModelSource, Settings
-from ailab.storage import AsyncStore, merge_messages
+from ailab.storage import AsyncStore, StoredConversation, merge_messages
 from ailab.upstream import proxy
 from ailab.upstream.admission import GenerationGate, KeyedLocks
 from ailab.upstream.supervisor import LlamaServerManager, LlamaStartError
@@ -39,6 +48,13 @@ class SwitchFailed(RuntimeError):
     """The new model failed to load; the message says whether the old one came back."""
 
 
+class ConversationNotFound(LookupError):
+    """No conversation is stored under this id."""
+
+
+TurnBuilder = Callable[[StoredConversation], Awaitable[tuple[TurnRecord, AsyncIterator[Event]]]]
+
+
 class Gateway:
     def __init__(self, settings: Settings, binary: Path) -> None:
         self.settings = settings
@@ -47,6 +63,7 @@ class Gateway:
         self.manager = LlamaServerManager(settings, binary, self.http, transport)
         self.gate = GenerationGate(settings.parallel + settings.queue_limit, settings.switch_wait_s)
         self.conversation_locks = KeyedLocks()
+        self.turns: dict[str, RunningTurn] = {}  # the running turn of each conversation
         self.engine = ChatEngine(
             self.http,
             self.store,
@@ -78,6 +95,10 @@ class Gateway:
             log.error("could not start llama-server: %s", exc)
 
     async def close(self) -> None:
+        running = list(self.turns.values())
+        for turn in running:
+            turn.stop("the gateway is shutting down")
+        await asyncio.gather(*(turn.task for turn in running), return_exceptions=True)
         await self.manager.close()
         await self.http.aclose()
         await self.store.close()
@@ -185,31 +206,149 @@ class Gateway:
             budget = min(budget, self.settings.max_conversation_tokens)
         return budget
 
-    async def prepare_turn(self, request: ChatRequest) -> TurnOptions | None:
-        """Store the request's new messages; None when it was a reset (empty messages)."""
+    # --- turns: one at a time per conversation, each ended by the turn rule -----------
+
+    async def start_chat(self, request: ChatRequest) -> RunningTurn:
+        """Admit and start a /chat turn; rejections (4xx, 429, 503) raise before it runs."""
+        budget = self.token_budget(request.max_tokens or GENERATION_DEFAULTS["max_tokens"])
+
+        async def build(stored: StoredConversation) -> tuple[TurnRecord, AsyncIterator[Event]]:
+            incoming = [m.model_dump(exclude_none=True) for m in request.messages]
+            merged = merge_messages(stored.messages, incoming)
+            if not merged.new_messages:
+                raise ValueError("the request holds no new message after the stored history")
+            own = request.system_prompt or merged.system_prompt or stored.system_prompt
+            record = self._record(request.conversation_id, stored, len(stored.messages), own)
+            record.retire(stored.pending, SUPERSEDED_BY_MESSAGE, answer=True)
+            record.add_input(merged.new_messages)
+            return record, await self._generate(record, request, budget)
+
+        return await self._begin(request.conversation_id, build)
+
+    async def start_regeneration(
+        self, conversation_id: str, request: GenerationOptions
+    ) -> RunningTurn:
+        """Answer the last user message again, replacing the answer (and its tool calls)
+        that followed it; the old answer stays if the new one fails before any output."""
+        budget = self.token_budget(request.max_tokens or GENERATION_DEFAULTS["max_tokens"])
+
+        async def build(stored: StoredConversation) -> tuple[TurnRecord, AsyncIterator[Event]]:
+            if not stored.exists:
+                raise ConversationNotFound(f"no conversation {conversation_id!r}")
+            users = [i for i, m in enumerate(stored.messages) if m.get("role") == "user"]
+            if not users:
+                raise ValueError(f"conversation {conversation_id!r} has no message to answer")
+            own = request.system_prompt or stored.system_prompt
+            record = self._record(conversation_id, stored, users[-1] + 1, own)
+            record.retire(stored.pending, SUPERSEDED_BY_REGENERATION, answer=False)
+            return record, await self._generate(record, request, budget)
+
+        return await self._begin(conversation_id, build)
+
+    async def start_approval(self, request: ApprovalRequest) -> RunningTurn:
+        """Resume a turn paused for approval, with the person's decision."""
         conversation_id = request.conversation_id
-        if not request.messages:
-            await self.store.reset_conversation(conversation_id)
-            return None
-        stored = await self.store.get_messages(conversation_id)
-        incoming = [m.model_dump(exclude_none=True) for m in request.messages]
-        merged = merge_messages(stored, incoming)
-        if not merged.new_messages:
-            raise ValueError("the request holds no new message after the stored history")
-        await self.store.append_messages(conversation_id, merged.new_messages)
+
+        async def build(stored: StoredConversation) -> tuple[TurnRecord, AsyncIterator[Event]]:
+            wanted = request.approval_id
+            pending = next((p for p in stored.pending if p.approval_id == wanted), None)
+            if pending is None:
+                raise ApprovalGone(
+                    f"no pending approval {request.approval_id!r} in conversation "
+                    f"{conversation_id!r} (already decided, superseded by a new message, "
+                    "or never asked)"
+                )
+            options = pending.state["options"]
+            budget = self.token_budget(int(options["sampling"]["max_tokens"]))
+            record = TurnRecord(
+                conversation_id=conversation_id,
+                stored=stored.messages,
+                keep=len(stored.messages),
+                system_prompt=options["system_prompt"],
+                own_prompt=stored.system_prompt,
+            )
+            events = self.engine.resume(record, pending, request.approve, request.stream, budget)
+            return record, events
+
+        return await self._begin(conversation_id, build)
+
+    async def _begin(self, conversation_id: str, build: TurnBuilder) -> RunningTurn:
+        """Wait for the conversation, take an admission place, read the conversation and
+        build the turn; the turn then owns the lock and the place until it is stored."""
+        resources = contextlib.AsyncExitStack()
+        try:
+            await resources.enter_async_context(self.conversation_locks.hold(conversation_id))
+            await resources.enter_async_context(self.generation())
+            stored = await self.store.load_conversation(conversation_id)
+            record, events = await build(stored)
+        except BaseException:
+            await resources.aclose()
+            raise
+
+        def forget() -> None:
+            if self.turns.get(conversation_id) is turn:
+                del self.turns[conversation_id]
+
+        turn = RunningTurn(record, events, self.store, resources, forget)
+        self.turns[conversation_id] = turn
+        return turn
+
+    def _record(
+        self, conversation_id: str, stored: StoredConversation, keep: int, own: str | None
+    ) -> TurnRecord:
+        return TurnRecord(
+            conversation_id=conversation_id,
+            stored=stored.messages,
+            keep=keep,
+            system_prompt=own or self.system_prompt,
+            own_prompt=own,
+        )
+
+    async def _generate(
+        self, record: TurnRecord, request: GenerationOptions, budget: int
+    ) -> AsyncIterator[Event]:
+        """The agent loop for a new answer, after checking what would only fail later: a
+        conversation that cannot fit, a forced tool that does not exist."""
+        opts = self._options(record, request)
+        await self.engine.prompt(record, opts, budget)
+        return self.engine.run(record, opts, TurnStats(), budget)
+
+    def _options(self, record: TurnRecord, request: GenerationOptions) -> TurnOptions:
         sampling = {
             name: getattr(request, name) if getattr(request, name) is not None else default
             for name, default in GENERATION_DEFAULTS.items()
         }
         choice = request.tool_choice
-        return TurnOptions(
-            conversation_id=conversation_id,
-            system_prompt=request.system_prompt or merged.system_prompt or self.system_prompt,
+        opts = TurnOptions(
+            conversation_id=record.conversation_id,
+            system_prompt=record.system_prompt,
             sampling=sampling,
             tools_enabled=request.enable_tools and self.tools_enabled,
             tool_choice=choice if isinstance(choice, str) else choice.model_dump(),
             stream=request.stream,
         )
+        named = opts.named_tool
+        if opts.tools_enabled and named is not None and named not in tools.tool_names():
+            raise ValueError(
+                f"tool_choice names an unknown tool {named!r}; "
+                f"tools: {', '.join(tools.tool_names())}"
+            )
+        return opts
+
+    async def reset_conversation(self, conversation_id: str) -> None:
+        """Empty a conversation, after the turn running on it (if any) is stored."""
+        async with self.conversation_locks.hold(conversation_id):
+            await self.store.reset_conversation(conversation_id)
+
+    async def delete_conversation(self, conversation_id: str) -> bool:
+        """Delete a conversation; a turn running on it is stopped and nothing of it is
+        stored, so the conversation stays deleted. False when there was nothing."""
+        running = self.turns.get(conversation_id)
+        if running is not None:
+            running.stop("the conversation was deleted", keep=False)
+        async with self.conversation_locks.hold(conversation_id):
+            deleted = await self.store.delete_conversation(conversation_id)
+        return deleted or running is not None
 
     def chat_extras(self, conversation_id: str) -> dict[str, Any]:
         return {

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import requests
-from conftest import PROJECT_DIR, GatewayProcess
+from conftest import PROJECT_DIR, GatewayProcess, wait_for
 
 FAKE = PROJECT_DIR / "tests" / "fake_llama_server.py"
 
@@ -32,6 +32,12 @@ def scripted_gateway(
 def requests_seen(tmp_path: Path) -> list[dict]:
     log = tmp_path / "script.json.log"
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def stored(server: GatewayProcess, conversation: str = "default") -> list[dict]:
+    """The stored messages ([] while the conversation does not exist)."""
+    reply = requests.get(f"{server.url}/conversations/{conversation}", timeout=5)
+    return reply.json()["messages"] if reply.status_code == 200 else []
 
 
 def decide(server: GatewayProcess, approval_id: str, approve: bool) -> requests.Response:
@@ -157,9 +163,10 @@ def test_a_client_that_hangs_up_mid_stream_cancels_the_generation(
     while time.monotonic() < deadline and {"cancelled": True} not in requests_seen(tmp_path):
         time.sleep(0.1)
     assert {"cancelled": True} in requests_seen(tmp_path)
-    history = requests.get(f"{server.url}/conversations/default", timeout=5).json()["messages"]
+    history = wait_for(lambda: stored(server))
     assert [m["role"] for m in history] == ["user", "assistant"]
     assert history[1]["content"].startswith("tok0 ")
+    assert history[1]["interrupted"] is True
 
 
 def delete_scenario(make_gateway, tmp_path: Path, answer: str, **env: str):  # type: ignore[no-untyped-def]

@@ -8,23 +8,12 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import requests
-from conftest import SMOLLM, GatewayProcess, free_port
-
-
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
+from conftest import SMOLLM, GatewayProcess, free_port, wait_for
 
 
 def test_health_reports_the_default_model_ready_on_cpu(gateway: GatewayProcess) -> None:
