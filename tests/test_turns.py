@@ -234,3 +234,43 @@ def test_regenerate_needs_a_conversation_with_a_message(gateway: GatewayProcess)
     )
     empty = regenerate(gateway, "emptied")
     assert empty.status_code == 400 and "no message" in empty.json()["detail"]
+
+
+# --- streamed requests are admitted before the stream starts -------------------------------
+
+
+def test_a_streamed_request_past_the_queue_gets_429_with_retry_after(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    server: GatewayProcess = make_gateway({"AILAB_PARALLEL": "1", "AILAB_QUEUE_LIMIT": "1"})
+    # A 200 means admitted: the place is held until the stream ends.
+    with (
+        stream_chat(server, "Tell a long story.", "q1", max_tokens=200) as first,
+        stream_chat(server, "Tell a long story.", "q2", max_tokens=200) as second,
+    ):
+        assert (first.status_code, second.status_code) == (200, 200)
+        with stream_chat(server, "Hi", "q3", max_tokens=4) as third:
+            assert third.status_code == 429
+            assert third.headers["Retry-After"] == "1"
+            assert "busy" in third.json()["detail"]
+    assert stored_or_none(server, "q3") is None
+
+
+def test_a_streamed_request_without_a_model_gets_503_with_the_reason(
+    make_gateway, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps({"ghost": {"filename": "ghost.gguf"}}))
+    server: GatewayProcess = make_gateway(
+        {"AILAB_EXTRA_MODELS": str(extra), "AILAB_DEFAULT_MODEL": "ghost"}, wait=False
+    )
+    wait_for(lambda: _health(server).get("status") == "error")
+    with stream_chat(server, "Hi", "down", max_tokens=4) as reply:
+        assert reply.status_code == 503
+        assert "ghost.gguf" in reply.json()["detail"]
+    assert stored_or_none(server, "down") is None
+
+
+def _health(server: GatewayProcess) -> dict:
+    try:
+        return requests.get(f"{server.url}/health", timeout=2).json()
+    except requests.ConnectionError:
+        return {}
