@@ -31,7 +31,7 @@ from ailab.config import GENERATION_DEFAULTS, ModelSource, Settings
 from ailab.storage import AsyncStore, StoredConversation, merge_messages
 from ailab.upstream import proxy
 from ailab.upstream.admission import GenerationGate, KeyedLocks
-from ailab.upstream.supervisor import LlamaServerManager, LlamaStartError
+from ailab.upstream.supervisor import DownloadFailed, LlamaServerManager, LlamaStartError
 
 log = logging.getLogger("ailab.gateway")
 
@@ -74,6 +74,7 @@ class Gateway:
         self.system_prompt = config.DEFAULT_SYSTEM_PROMPT
         self.tools_enabled = True
         self._switch_lock = asyncio.Lock()
+        self._first_load: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -88,13 +89,23 @@ class Gateway:
             except ValueError as exc:
                 log.warning("ignoring saved tool roots: %s", exc)
         await self.manager.detect_devices()
+        source = self.model_source(self.settings.default_model)
+        # The port opens while the first model loads (or downloads): /health says
+        # "loading" and requests wait for it. The task enters that state before its first
+        # pause, so before the server can take a request.
+        self._first_load = asyncio.create_task(self._load_first_model(source))
+
+    async def _load_first_model(self, source: ModelSource) -> None:
         try:
-            await self.manager.start(self.model_source(self.settings.default_model))
+            await self.manager.start(source)
         except LlamaStartError as exc:
             # Stay up: /health shows the reason and a switch to another model can fix it.
             log.error("could not start llama-server: %s", exc)
 
     async def close(self) -> None:
+        if self._first_load is not None:
+            self._first_load.cancel()
+            await asyncio.gather(self._first_load, return_exceptions=True)
         running = list(self.turns.values())
         for turn in running:
             turn.stop("the gateway is shutting down")
@@ -140,9 +151,19 @@ class Gateway:
     async def switch_model(self, key: str) -> tuple[str | None, float]:
         """Swap llama-server to another model once running generations are done.
 
-        Fails fast (before stopping anything) for an unknown key or a missing file; if
-        the new model does not load, the previous one is brought back."""
+        Fails fast (before stopping anything) for an unknown key, a missing file or a
+        failed download; if the new model does not load, the previous one is brought
+        back."""
         source = await asyncio.to_thread(self._loadable_source, key)
+        if source.kind == "huggingface":
+            # Downloading first keeps the current model serving meanwhile; only a
+            # complete download stops it, and a failed one leaves it running.
+            try:
+                source = await self.manager.download_ahead(source)
+            except DownloadFailed as exc:
+                current = self.manager.model
+                still = f"; {current.key} is still serving" if current else ""
+                raise DownloadFailed(f"{exc}{still}") from exc
         return await self.restart_llama(source)
 
     def _loadable_source(self, key: str) -> ModelSource:

@@ -59,7 +59,7 @@ from ailab.gateway import (
 from ailab.storage import ConversationChanged, StorageError
 from ailab.upstream import proxy
 from ailab.upstream.admission import Overloaded, SwitchTimeout
-from ailab.upstream.supervisor import LlamaStartError, LlamaUnavailable
+from ailab.upstream.supervisor import DownloadFailed, LlamaStartError, LlamaUnavailable
 
 log = logging.getLogger("ailab.server")
 
@@ -122,6 +122,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         LlamaUnavailable: 503,
         SwitchFailed: 500,
         LlamaStartError: 500,
+        DownloadFailed: 502,
         ModelBenchError: 502,
     }
     for exc_type, status in statuses.items():
