@@ -358,7 +358,7 @@ def _add_openai_routes(app: FastAPI, gw: Gateway) -> None:
     async def forward(request: Request, path: str) -> Response:
         body = await request.body()
         wants_stream = False
-        if body:
+        if request.method == "POST":
             try:
                 wants_stream = bool(json.loads(body).get("stream"))
             except (ValueError, AttributeError):
