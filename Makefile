@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The build script prints the cached binary's path (building it once if needed).
 LLAMA := $${LLAMA_SERVER_PATH:-$$($(PY) scripts/build_llama_server.py)}
 
-.PHONY: setup run test lint format bench models llama-server clean-data
+.PHONY: setup run test fuzz lint format bench models llama-server clean-data
 
 setup: $(VENV)/.installed models llama-server
 
@@ -26,6 +26,10 @@ run: setup
 
 test: setup
 	LLAMA_SERVER_PATH="$(LLAMA)" $(PY) -m pytest -q
+
+# The API fuzzed from its OpenAPI schema against a real gateway (also part of `make test`).
+fuzz: setup
+	LLAMA_SERVER_PATH="$(LLAMA)" $(PY) -m pytest -q tests/test_fuzz.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

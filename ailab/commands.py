@@ -143,7 +143,7 @@ async def history_command(gw: Gateway, value: str | None, conversation_id: str) 
 
 
 async def reset_command(gw: Gateway, value: str | None, conversation_id: str) -> CommandResult:
-    await gw.store.reset_conversation(conversation_id)
+    await gw.reset_conversation(conversation_id)
     return f"Conversation {conversation_id!r} cleared", None
 
 

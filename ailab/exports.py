@@ -2,19 +2,21 @@
 
 Pure functions: callers fetch conversations from storage and write the returned text.
 Every format is built from the same training record, so a conversation skipped in one
-format (nothing to train on) is skipped in all of them.
+format (nothing to train on) is skipped in all of them. Each conversation goes out with
+the system prompt it was generated with (``prompts``, by conversation id).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 EXPORT_FORMATS = ("jsonl", "json", "text")
 
 Conversations = dict[str, list[dict[str, Any]]]
+Prompts = Mapping[str, str | None]
 
 
 def _tool_turn(message: dict[str, Any]) -> dict[str, Any] | None:
@@ -52,16 +54,33 @@ def _merge_assistant_runs(turns: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return merged
 
 
+def _without_interrupted(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Drop every exchange (a user message and all that answered it) that holds a message
+    marked interrupted: a cut-off answer is nothing to train on."""
+    exchanges: list[list[dict[str, Any]]] = []
+    for message in messages:
+        if message.get("role") == "user" or not exchanges:
+            exchanges.append([])
+        exchanges[-1].append(message)
+    return [m for ex in exchanges if not any(x.get("interrupted") for x in ex) for m in ex]
+
+
 def to_training_record(
-    messages: list[dict[str, Any]], system_prompt: str | None, include_tools: bool = True
+    messages: list[dict[str, Any]],
+    system_prompt: str | None,
+    include_tools: bool = True,
+    include_interrupted: bool = False,
 ) -> dict[str, Any] | None:
     """One conversation as `{"messages": [...]}` in OpenAI chat fine-tuning form.
 
     System messages inside `messages` are ignored in favour of `system_prompt`. Empty turns
     are dropped, and so is anything after the last assistant turn (nothing learns from it).
     With `include_tools=False`, tool results and tool-call-only assistant turns disappear.
+    Interrupted exchanges are left out unless `include_interrupted`.
     Returns None when no assistant turn remains.
     """
+    if not include_interrupted:
+        messages = _without_interrupted(messages)
     to_turn = _tool_turn if include_tools else _plain_turn
     turns = [t for m in messages if m.get("role") != "system" and (t := to_turn(m))]
     if not include_tools:
@@ -74,32 +93,38 @@ def to_training_record(
 
 
 def _records(
-    conversations: Conversations, system_prompt: str | None, include_tools: bool
+    conversations: Conversations, prompts: Prompts, include_tools: bool, include_interrupted: bool
 ) -> list[tuple[str, dict[str, Any]]]:
     records = (
-        (cid, to_training_record(messages, system_prompt, include_tools))
+        (cid, to_training_record(messages, prompts.get(cid), include_tools, include_interrupted))
         for cid, messages in conversations.items()
     )
     return [(cid, record) for cid, record in records if record is not None]
 
 
 def export_jsonl(
-    conversations: Conversations, system_prompt: str | None, include_tools: bool = True
+    conversations: Conversations,
+    prompts: Prompts,
+    include_tools: bool = True,
+    include_interrupted: bool = False,
 ) -> str:
     """One training record per line; conversations with nothing to train on are skipped."""
     return "".join(
         json.dumps(record, ensure_ascii=False) + "\n"
-        for _, record in _records(conversations, system_prompt, include_tools)
+        for _, record in _records(conversations, prompts, include_tools, include_interrupted)
     )
 
 
 def export_json(
-    conversations: Conversations, system_prompt: str | None, include_tools: bool = True
+    conversations: Conversations,
+    prompts: Prompts,
+    include_tools: bool = True,
+    include_interrupted: bool = False,
 ) -> str:
     """A pretty-printed list of `{"id", "messages"}`."""
     items = [
         {"id": cid, "messages": record["messages"]}
-        for cid, record in _records(conversations, system_prompt, include_tools)
+        for cid, record in _records(conversations, prompts, include_tools, include_interrupted)
     ]
     return json.dumps(items, ensure_ascii=False, indent=2) + "\n"
 
@@ -129,17 +154,20 @@ def _transcript_lines(turns: list[dict[str, Any]]) -> list[str]:
 
 
 def export_text(
-    conversations: Conversations, system_prompt: str | None, include_tools: bool = True
+    conversations: Conversations,
+    prompts: Prompts,
+    include_tools: bool = True,
+    include_interrupted: bool = False,
 ) -> str:
     """A human-readable transcript: a `### conversation <id>` header, then one line per turn."""
     blocks = [
         "\n".join([f"### conversation {cid}", *_transcript_lines(record["messages"])])
-        for cid, record in _records(conversations, system_prompt, include_tools)
+        for cid, record in _records(conversations, prompts, include_tools, include_interrupted)
     ]
     return "".join(block + "\n\n" for block in blocks)
 
 
-EXPORTERS: dict[str, Callable[[Conversations, str | None, bool], str]] = {
+EXPORTERS: dict[str, Callable[[Conversations, Prompts, bool, bool], str]] = {
     "jsonl": export_jsonl,
     "json": export_json,
     "text": export_text,
@@ -147,14 +175,18 @@ EXPORTERS: dict[str, Callable[[Conversations, str | None, bool], str]] = {
 
 
 def export_conversations(
-    fmt: str, conversations: Conversations, system_prompt: str | None, include_tools: bool = True
+    fmt: str,
+    conversations: Conversations,
+    prompts: Prompts,
+    include_tools: bool = True,
+    include_interrupted: bool = False,
 ) -> str:
     """Render in one of EXPORT_FORMATS; raises ValueError for any other format."""
     if fmt not in EXPORTERS:
         raise ValueError(
             f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}"
         )
-    return EXPORTERS[fmt](conversations, system_prompt, include_tools)
+    return EXPORTERS[fmt](conversations, prompts, include_tools, include_interrupted)
 
 
 def format_for_filename(path: str | Path) -> str:

@@ -1,14 +1,16 @@
 """The gateway's runtime: the supervised llama-server, the store, the engine and the rules
-about who may generate when. The HTTP layer (ai_server.py) only translates to and from it.
+about who may generate when. The HTTP layer (ailab/api/app.py) only translates to and
+from it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -16,14 +18,21 @@ from typing import Any
 import httpx
 
 from ailab import config, tools
-from ailab.agent.engine import ChatEngine, TurnOptions
-from ailab.api.schemas import ChatRequest, ModelInfo
+from ailab.agent.engine import ApprovalGone, ChatEngine, TurnOptions, TurnStats
+from ailab.agent.turn import (
+    SUPERSEDED_BY_MESSAGE,
+    SUPERSEDED_BY_REGENERATION,
+    Event,
+    RunningTurn,
+    TurnRecord,
+)
+from ailab.api.schemas import ApprovalRequest, ChatRequest, GenerationOptions, ModelInfo
 from ailab.config import GENERATION_DEFAULTS, ModelSource, Settings
 from ailab.errors import AilabError, BadRequest, NotFound
-from ailab.storage import AsyncStore, merge_messages
+from ailab.storage import AsyncStore, StoredConversation, merge_messages
 from ailab.upstream import proxy
 from ailab.upstream.admission import GenerationGate, KeyedLocks
-from ailab.upstream.supervisor import LlamaServerManager, LlamaStartError
+from ailab.upstream.supervisor import DownloadFailed, LlamaServerManager, LlamaStartError
 
 log = logging.getLogger("ailab.gateway")
 
@@ -40,6 +49,13 @@ class SwitchFailed(AilabError):
     """The new model failed to load; the message says whether the old one came back."""
 
 
+class ConversationNotFound(NotFound):
+    """No conversation is stored under this id."""
+
+
+TurnBuilder = Callable[[StoredConversation], Awaitable[tuple[TurnRecord, AsyncIterator[Event]]]]
+
+
 class Gateway:
     def __init__(self, settings: Settings, binary: Path) -> None:
         self.settings = settings
@@ -50,6 +66,7 @@ class Gateway:
         self.manager = LlamaServerManager(settings, binary, self.http, transport, llama_key)
         self.gate = GenerationGate(settings.parallel + settings.queue_limit, settings.switch_wait_s)
         self.conversation_locks = KeyedLocks()
+        self.turns: dict[str, RunningTurn] = {}  # the running turn of each conversation
         # Shares nothing until start() applies the settings; /roots replaces it.
         self.tool_policy = tools.ToolPolicy()
         self.engine = ChatEngine(
@@ -62,6 +79,7 @@ class Gateway:
         self.system_prompt = config.DEFAULT_SYSTEM_PROMPT
         self.tools_enabled = True
         self._switch_lock = asyncio.Lock()
+        self._first_load: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -76,13 +94,27 @@ class Gateway:
             except ValueError as exc:
                 log.warning("ignoring saved tool roots: %s", exc)
         await self.manager.detect_devices()
+        source = self.model_source(self.settings.default_model)
+        # The port opens while the first model loads (or downloads): /health says
+        # "loading" and requests wait for it. The task enters that state before its first
+        # pause, so before the server can take a request.
+        self._first_load = asyncio.create_task(self._load_first_model(source))
+
+    async def _load_first_model(self, source: ModelSource) -> None:
         try:
-            await self.manager.start(self.model_source(self.settings.default_model))
+            await self.manager.start(source)
         except LlamaStartError as exc:
             # Stay up: /health shows the reason and a switch to another model can fix it.
             log.error("could not start llama-server: %s", exc)
 
     async def close(self) -> None:
+        if self._first_load is not None:
+            self._first_load.cancel()
+            await asyncio.gather(self._first_load, return_exceptions=True)
+        running = list(self.turns.values())
+        for turn in running:
+            turn.stop("the gateway is shutting down")
+        await asyncio.gather(*(turn.task for turn in running), return_exceptions=True)
         await self.manager.close()
         await self.http.aclose()
         await self.store.close()
@@ -124,9 +156,19 @@ class Gateway:
     async def switch_model(self, key: str) -> tuple[str | None, float]:
         """Swap llama-server to another model once running generations are done.
 
-        Fails fast (before stopping anything) for an unknown key or a missing file; if
-        the new model does not load, the previous one is brought back."""
+        Fails fast (before stopping anything) for an unknown key, a missing file or a
+        failed download; if the new model does not load, the previous one is brought
+        back."""
         source = await asyncio.to_thread(self._loadable_source, key)
+        if source.kind == "huggingface":
+            # Downloading first keeps the current model serving meanwhile; only a
+            # complete download stops it, and a failed one leaves it running.
+            try:
+                source = await self.manager.download_ahead(source)
+            except DownloadFailed as exc:
+                current = self.manager.model
+                still = f"; {current.key} is still serving" if current else ""
+                raise DownloadFailed(f"{exc}{still}") from exc
         return await self.restart_llama(source)
 
     def _loadable_source(self, key: str) -> ModelSource:
@@ -190,31 +232,149 @@ class Gateway:
             budget = min(budget, self.settings.max_conversation_tokens)
         return budget
 
-    async def prepare_turn(self, request: ChatRequest) -> TurnOptions | None:
-        """Store the request's new messages; None when it was a reset (empty messages)."""
+    # --- turns: one at a time per conversation, each ended by the turn rule -----------
+
+    async def start_chat(self, request: ChatRequest) -> RunningTurn:
+        """Admit and start a /chat turn; rejections (4xx, 429, 503) raise before it runs."""
+        budget = self.token_budget(request.max_tokens or GENERATION_DEFAULTS["max_tokens"])
+
+        async def build(stored: StoredConversation) -> tuple[TurnRecord, AsyncIterator[Event]]:
+            incoming = [m.model_dump(exclude_none=True) for m in request.messages]
+            merged = merge_messages(stored.messages, incoming)
+            if not merged.new_messages:
+                raise BadRequest("the request holds no new message after the stored history")
+            own = request.system_prompt or merged.system_prompt or stored.system_prompt
+            record = self._record(request.conversation_id, stored, len(stored.messages), own)
+            record.retire(stored.pending, SUPERSEDED_BY_MESSAGE, answer=True)
+            record.add_input(merged.new_messages)
+            return record, await self._generate(record, request, budget)
+
+        return await self._begin(request.conversation_id, build)
+
+    async def start_regeneration(
+        self, conversation_id: str, request: GenerationOptions
+    ) -> RunningTurn:
+        """Answer the last user message again, replacing the answer (and its tool calls)
+        that followed it; the old answer stays if the new one fails before any output."""
+        budget = self.token_budget(request.max_tokens or GENERATION_DEFAULTS["max_tokens"])
+
+        async def build(stored: StoredConversation) -> tuple[TurnRecord, AsyncIterator[Event]]:
+            if not stored.exists:
+                raise ConversationNotFound(f"no conversation {conversation_id!r}")
+            users = [i for i, m in enumerate(stored.messages) if m.get("role") == "user"]
+            if not users:
+                raise BadRequest(f"conversation {conversation_id!r} has no message to answer")
+            own = request.system_prompt or stored.system_prompt
+            record = self._record(conversation_id, stored, users[-1] + 1, own)
+            record.retire(stored.pending, SUPERSEDED_BY_REGENERATION, answer=False)
+            return record, await self._generate(record, request, budget)
+
+        return await self._begin(conversation_id, build)
+
+    async def start_approval(self, request: ApprovalRequest) -> RunningTurn:
+        """Resume a turn paused for approval, with the person's decision."""
         conversation_id = request.conversation_id
-        if not request.messages:
-            await self.store.reset_conversation(conversation_id)
-            return None
-        stored = await self.store.get_messages(conversation_id)
-        incoming = [m.model_dump(exclude_none=True) for m in request.messages]
-        merged = merge_messages(stored, incoming)
-        if not merged.new_messages:
-            raise BadRequest("the request holds no new message after the stored history")
-        await self.store.append_messages(conversation_id, merged.new_messages)
+
+        async def build(stored: StoredConversation) -> tuple[TurnRecord, AsyncIterator[Event]]:
+            wanted = request.approval_id
+            pending = next((p for p in stored.pending if p.approval_id == wanted), None)
+            if pending is None:
+                raise ApprovalGone(
+                    f"no pending approval {request.approval_id!r} in conversation "
+                    f"{conversation_id!r} (already decided, superseded by a new message, "
+                    "or never asked)"
+                )
+            options = pending.state["options"]
+            budget = self.token_budget(int(options["sampling"]["max_tokens"]))
+            record = TurnRecord(
+                conversation_id=conversation_id,
+                stored=stored.messages,
+                keep=len(stored.messages),
+                system_prompt=options["system_prompt"],
+                own_prompt=stored.system_prompt,
+            )
+            events = self.engine.resume(record, pending, request.approve, request.stream, budget)
+            return record, events
+
+        return await self._begin(conversation_id, build)
+
+    async def _begin(self, conversation_id: str, build: TurnBuilder) -> RunningTurn:
+        """Wait for the conversation, take an admission place, read the conversation and
+        build the turn; the turn then owns the lock and the place until it is stored."""
+        resources = contextlib.AsyncExitStack()
+        try:
+            await resources.enter_async_context(self.conversation_locks.hold(conversation_id))
+            await resources.enter_async_context(self.generation())
+            stored = await self.store.load_conversation(conversation_id)
+            record, events = await build(stored)
+        except BaseException:
+            await resources.aclose()
+            raise
+
+        def forget() -> None:
+            if self.turns.get(conversation_id) is turn:
+                del self.turns[conversation_id]
+
+        turn = RunningTurn(record, events, self.store, resources, forget)
+        self.turns[conversation_id] = turn
+        return turn
+
+    def _record(
+        self, conversation_id: str, stored: StoredConversation, keep: int, own: str | None
+    ) -> TurnRecord:
+        return TurnRecord(
+            conversation_id=conversation_id,
+            stored=stored.messages,
+            keep=keep,
+            system_prompt=own or self.system_prompt,
+            own_prompt=own,
+        )
+
+    async def _generate(
+        self, record: TurnRecord, request: GenerationOptions, budget: int
+    ) -> AsyncIterator[Event]:
+        """The agent loop for a new answer, after checking what would only fail later: a
+        conversation that cannot fit, a forced tool that does not exist."""
+        opts = self._options(record, request)
+        await self.engine.prompt(record, opts, budget)
+        return self.engine.run(record, opts, TurnStats(), budget)
+
+    def _options(self, record: TurnRecord, request: GenerationOptions) -> TurnOptions:
         sampling = {
             name: getattr(request, name) if getattr(request, name) is not None else default
             for name, default in GENERATION_DEFAULTS.items()
         }
         choice = request.tool_choice
-        return TurnOptions(
-            conversation_id=conversation_id,
-            system_prompt=request.system_prompt or merged.system_prompt or self.system_prompt,
+        opts = TurnOptions(
+            conversation_id=record.conversation_id,
+            system_prompt=record.system_prompt,
             sampling=sampling,
             tools_enabled=request.enable_tools and self.tools_enabled,
             tool_choice=choice if isinstance(choice, str) else choice.model_dump(),
             stream=request.stream,
         )
+        named = opts.named_tool
+        if opts.tools_enabled and named is not None and named not in tools.tool_names():
+            raise BadRequest(
+                f"tool_choice names an unknown tool {named!r}; "
+                f"tools: {', '.join(tools.tool_names())}"
+            )
+        return opts
+
+    async def reset_conversation(self, conversation_id: str) -> None:
+        """Empty a conversation, after the turn running on it (if any) is stored."""
+        async with self.conversation_locks.hold(conversation_id):
+            await self.store.reset_conversation(conversation_id)
+
+    async def delete_conversation(self, conversation_id: str) -> bool:
+        """Delete a conversation; a turn running on it is stopped and nothing of it is
+        stored, so the conversation stays deleted. False when there was nothing."""
+        running = self.turns.get(conversation_id)
+        if running is not None:
+            running.stop("the conversation was deleted", keep=False)
+        async with self.conversation_locks.hold(conversation_id):
+            deleted = await self.store.delete_conversation(conversation_id)
+        return deleted or running is not None
 
     def chat_extras(self, conversation_id: str) -> dict[str, Any]:
         return {

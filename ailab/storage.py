@@ -22,6 +22,8 @@ from typing import Annotated, Any, Literal, ParamSpec, TypeVar
 
 from pydantic import AfterValidator, BaseModel, Field
 
+from ailab.errors import AilabError, Unavailable
+
 TITLE_MAX_CHARS = 60
 
 # Append only: a released migration is never edited, a schema change is a new entry.
@@ -76,6 +78,11 @@ MIGRATIONS: tuple[str, ...] = (
         payload TEXT NOT NULL
     );
     """,
+    """
+    ALTER TABLE conversations ADD COLUMN system_prompt TEXT;
+    ALTER TABLE conversations ADD COLUMN used_system_prompt TEXT;
+    ALTER TABLE tool_audit ADD COLUMN tool_call_id TEXT;
+    """,
 )
 
 
@@ -103,16 +110,36 @@ class ConversationSummary(BaseModel):
     updated_at: UtcDatetime
 
 
+AuditStatus = Literal[
+    "pending", "running", "success", "error", "refused", "superseded", "cancelled"
+]
+Approval = Literal["undecided", "not_needed", "approved", "denied", "auto", "policy_denied"]
+
+
 class AuditRecord(BaseModel):
+    """A tool call as the audit log keeps it: written when the model proposes the call
+    (pending), updated when it is decided and started (running) and with its result."""
+
     id: int | None = None
     timestamp: UtcDatetime = Field(default_factory=utc_now)
     conversation_id: str | None = None
+    tool_call_id: str | None = None
     tool: str
     # A string when the model produced arguments that are not a JSON object.
     arguments: dict[str, Any] | str
-    status: Literal["success", "error", "refused", "pending"]
+    status: AuditStatus
     duration_ms: float = 0.0
-    approval: Literal["not_needed", "approved", "denied", "auto", "policy_denied"]
+    approval: Approval
+    error: str | None = None
+
+
+class AuditUpdate(BaseModel):
+    """A later state of an audit row: its decision, or its outcome."""
+
+    id: int
+    status: AuditStatus
+    approval: Approval | None = None  # None keeps the recorded decision
+    duration_ms: float | None = None
     error: str | None = None
 
 
@@ -124,8 +151,59 @@ class PendingApproval(BaseModel):
     arguments: dict[str, Any]
     description: str
     created_at: UtcDatetime = Field(default_factory=utc_now)
+    # The audit rows of this call and of the turn's later calls, still undecided.
+    audit_ids: list[int] = Field(default_factory=list)
     # Opaque to storage: whatever the server needs to resume its agent loop.
     state: dict[str, Any] = Field(default_factory=dict)
+
+
+class TurnCommit(BaseModel):
+    """Everything one turn changes in a conversation, written in one transaction."""
+
+    conversation_id: str
+    # How many messages were stored when the turn read the history; a different count at
+    # commit time means something else wrote meanwhile, and the commit is refused.
+    expected_count: int
+    # Stored messages that stay; the rest is replaced by ``messages`` (a regenerated
+    # answer). None keeps them all.
+    keep: int | None = None
+    messages: list[dict[str, Any]]
+    system_prompt: str | None = None  # the conversation's own prompt (None: the default)
+    used_system_prompt: str | None = None  # the prompt this turn was generated with
+    pending: PendingApproval | None = None
+    dropped_approvals: list[str] = Field(default_factory=list)
+    audit: list[AuditUpdate] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StoredConversation:
+    exists: bool
+    messages: list[dict[str, Any]]
+    system_prompt: str | None
+    used_system_prompt: str | None
+    pending: list[PendingApproval]
+
+
+def describe_failure(db_path: Path, exc: BaseException) -> str:
+    """What went wrong with the database file, and what to do about it."""
+    text = str(exc)
+    if "not a database" in text or "malformed" in text:
+        hint = "the file is damaged: move it away to start afresh, or restore a backup"
+    elif "full" in text:
+        hint = "the disk is full: free some space"
+    else:
+        hint = "check that the data directory (AILAB_DATA_DIR) exists and is writable"
+    return f"the database {db_path} cannot be used ({text}); {hint}"
+
+
+class ConversationChanged(AilabError):
+    """The conversation changed under a turn that was about to commit."""
+
+    status = 409
+
+
+class StorageError(Unavailable):
+    """The database cannot be opened, read or written; the message names it and why."""
 
 
 def _iso(value: datetime) -> str:
@@ -143,17 +221,23 @@ class Store:
     """Synchronous SQLite store; safe to share between threads (calls are serialised)."""
 
     def __init__(self, db_path: Path) -> None:
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: transactions are explicit (see _transaction), never implicit.
-        self._conn = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-        self._conn.row_factory = sqlite3.Row
+        self.path = db_path
         self._lock = threading.RLock()
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        # With WAL, NORMAL never corrupts and survives an application crash; only a power
-        # cut can lose the last commits. FULL would cost an fsync on every chat message.
-        self._conn.execute("PRAGMA synchronous = NORMAL")
-        self._conn.execute("PRAGMA foreign_keys = ON")
-        self._migrate()
+        try:
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: transactions are explicit (see _transaction).
+            self._conn = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            # With WAL, NORMAL never corrupts and survives an application crash; only a
+            # power cut can lose the last commits. FULL would cost an fsync per turn.
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            self._migrate()
+            with self._transaction() as conn:
+                _close_abandoned_audit(conn)
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageError(describe_failure(db_path, exc)) from exc
 
     def close(self) -> None:
         with self._lock:
@@ -214,44 +298,81 @@ class Store:
             ).fetchall()
         return [json.loads(row["payload"]) for row in rows]
 
-    def append_messages(self, conversation_id: str, messages: list[dict[str, Any]]) -> None:
-        now = _iso(utc_now())
-        with self._transaction() as conn:
-            conn.execute(
-                "INSERT INTO conversations (id, created_at, updated_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (id) DO UPDATE SET updated_at = excluded.updated_at",
-                (conversation_id, now, now),
-            )
-            start = conn.execute(
-                "SELECT COALESCE(MAX(position) + 1, 0) FROM messages WHERE conversation_id = ?",
+    def load_conversation(self, conversation_id: str) -> StoredConversation:
+        """Everything a turn starts from, read at once."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT system_prompt, used_system_prompt FROM conversations WHERE id = ?",
                 (conversation_id,),
+            ).fetchone()
+            pending = self._conn.execute(
+                "SELECT payload FROM pending_approvals WHERE conversation_id = ?",
+                (conversation_id,),
+            ).fetchall()
+            messages = self.get_messages(conversation_id)
+        return StoredConversation(
+            exists=row is not None,
+            messages=messages,
+            system_prompt=row["system_prompt"] if row else None,
+            used_system_prompt=row["used_system_prompt"] if row else None,
+            pending=[PendingApproval.model_validate_json(p["payload"]) for p in pending],
+        )
+
+    def commit_turn(self, commit: TurnCommit) -> None:
+        """Write a turn whole: its messages, the conversation's prompts, its approvals and
+        audit updates. Raises ConversationChanged (writing nothing) when the stored history
+        is no longer the one the turn was built on."""
+        cid, now = commit.conversation_id, _iso(utc_now())
+        keep = commit.expected_count if commit.keep is None else commit.keep
+        with self._transaction() as conn:
+            count = conn.execute(
+                "SELECT COUNT(*) FROM messages WHERE conversation_id = ?", (cid,)
             ).fetchone()[0]
+            if count != commit.expected_count:
+                raise ConversationChanged(
+                    f"conversation {cid!r} holds {count} messages, the turn expected "
+                    f"{commit.expected_count}"
+                )
+            conn.execute(
+                "INSERT INTO conversations (id, created_at, updated_at, system_prompt, "
+                "used_system_prompt) VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                "updated_at = excluded.updated_at, system_prompt = excluded.system_prompt, "
+                "used_system_prompt = excluded.used_system_prompt",
+                (cid, now, now, commit.system_prompt, commit.used_system_prompt),
+            )
+            conn.execute(
+                "DELETE FROM messages WHERE conversation_id = ? AND position >= ?", (cid, keep)
+            )
             conn.executemany(
                 "INSERT INTO messages (conversation_id, position, role, payload, created_at) "
                 "VALUES (?, ?, ?, ?, ?)",
                 [
-                    (conversation_id, start + i, m["role"], json.dumps(m), now)
-                    for i, m in enumerate(messages)
+                    (cid, keep + i, m["role"], json.dumps(m), now)
+                    for i, m in enumerate(commit.messages)
                 ],
             )
+            conn.executemany(
+                "DELETE FROM pending_approvals WHERE conversation_id = ? AND approval_id = ?",
+                [(cid, approval_id) for approval_id in commit.dropped_approvals],
+            )
+            if commit.pending is not None:
+                _insert_pending(conn, commit.pending)
+            _update_audit(conn, commit.audit)
 
     def reset_conversation(self, conversation_id: str) -> None:
         """Empty the conversation but keep its id; pending approvals for it are dropped."""
         with self._transaction() as conn:
             conn.execute("DELETE FROM messages WHERE conversation_id = ?", (conversation_id,))
+            _retire_pending(conn, conversation_id, "the conversation was reset")
             conn.execute(
-                "DELETE FROM pending_approvals WHERE conversation_id = ?", (conversation_id,)
-            )
-            conn.execute(
-                "UPDATE conversations SET updated_at = ? WHERE id = ?",
+                "UPDATE conversations SET updated_at = ?, system_prompt = NULL, "
+                "used_system_prompt = NULL WHERE id = ?",
                 (_iso(utc_now()), conversation_id),
             )
 
     def delete_conversation(self, conversation_id: str) -> bool:
         with self._transaction() as conn:
-            conn.execute(
-                "DELETE FROM pending_approvals WHERE conversation_id = ?", (conversation_id,)
-            )
+            _retire_pending(conn, conversation_id, "the conversation was deleted")
             deleted = conn.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
         return deleted.rowcount > 0
 
@@ -302,23 +423,35 @@ class Store:
 
     # --- tool audit ---------------------------------------------------------------------
 
-    def record_tool_call(self, record: AuditRecord) -> int:
+    def record_tool_calls(self, records: list[AuditRecord]) -> list[int]:
+        """Insert audit rows (one transaction) and return their ids, in order."""
         with self._transaction() as conn:
-            cursor = conn.execute(
-                "INSERT INTO tool_audit (timestamp, conversation_id, tool, arguments, status, "
-                "duration_ms, approval, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    _iso(record.timestamp),
-                    record.conversation_id,
-                    record.tool,
-                    json.dumps(record.arguments),
-                    record.status,
-                    record.duration_ms,
-                    record.approval,
-                    record.error,
-                ),
-            )
-        return int(cursor.lastrowid or 0)
+            return [
+                int(
+                    conn.execute(
+                        "INSERT INTO tool_audit (timestamp, conversation_id, tool_call_id, tool, "
+                        "arguments, status, duration_ms, approval, error) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            _iso(record.timestamp),
+                            record.conversation_id,
+                            record.tool_call_id,
+                            record.tool,
+                            json.dumps(record.arguments),
+                            record.status,
+                            record.duration_ms,
+                            record.approval,
+                            record.error,
+                        ),
+                    ).lastrowid
+                    or 0
+                )
+                for record in records
+            ]
+
+    def update_tool_calls(self, updates: list[AuditUpdate]) -> None:
+        with self._transaction() as conn:
+            _update_audit(conn, updates)
 
     def list_tool_audit(
         self, limit: int = 100, conversation_id: str | None = None
@@ -334,36 +467,6 @@ class Store:
             AuditRecord.model_validate({**dict(row), "arguments": json.loads(row["arguments"])})
             for row in rows
         ]
-
-    # --- pending approvals --------------------------------------------------------------
-
-    def save_pending_approval(self, approval: PendingApproval) -> None:
-        with self._transaction() as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO pending_approvals (conversation_id, approval_id, payload) "
-                "VALUES (?, ?, ?)",
-                (approval.conversation_id, approval.approval_id, approval.model_dump_json()),
-            )
-
-    def get_pending_approval(
-        self, conversation_id: str, approval_id: str
-    ) -> PendingApproval | None:
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT payload FROM pending_approvals WHERE conversation_id = ? "
-                "AND approval_id = ?",
-                (conversation_id, approval_id),
-            ).fetchone()
-        return None if row is None else PendingApproval.model_validate_json(row["payload"])
-
-    def delete_pending_approval(self, conversation_id: str, approval_id: str) -> bool:
-        """False when it was already gone, so two racing approvals resolve only once."""
-        with self._transaction() as conn:
-            deleted = conn.execute(
-                "DELETE FROM pending_approvals WHERE conversation_id = ? AND approval_id = ?",
-                (conversation_id, approval_id),
-            )
-        return deleted.rowcount > 0
 
     # --- benchmarks ---------------------------------------------------------------------
 
@@ -398,6 +501,53 @@ class Store:
         ]
 
 
+def _insert_pending(conn: sqlite3.Connection, approval: PendingApproval) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO pending_approvals (conversation_id, approval_id, payload) "
+        "VALUES (?, ?, ?)",
+        (approval.conversation_id, approval.approval_id, approval.model_dump_json()),
+    )
+
+
+def _update_audit(conn: sqlite3.Connection, updates: list[AuditUpdate]) -> None:
+    conn.executemany(
+        "UPDATE tool_audit SET status = ?, approval = COALESCE(?, approval), "
+        "duration_ms = COALESCE(?, duration_ms), error = COALESCE(?, error) WHERE id = ?",
+        [(u.status, u.approval, u.duration_ms, u.error, u.id) for u in updates],
+    )
+
+
+def _retire_pending(conn: sqlite3.Connection, conversation_id: str, reason: str) -> None:
+    """Drop a conversation's pending approvals; their calls never run, and the audit says
+    why."""
+    rows = conn.execute(
+        "SELECT payload FROM pending_approvals WHERE conversation_id = ?", (conversation_id,)
+    ).fetchall()
+    ids = [i for row in rows for i in PendingApproval.model_validate_json(row[0]).audit_ids]
+    _update_audit(conn, [AuditUpdate(id=i, status="superseded", error=reason) for i in ids])
+    conn.execute("DELETE FROM pending_approvals WHERE conversation_id = ?", (conversation_id,))
+
+
+def _close_abandoned_audit(conn: sqlite3.Connection) -> None:
+    """Audit rows a stopped gateway left open: a call that was running has an unknown
+    outcome; one that was proposed but is in no pending approval will never run."""
+    waiting = {
+        i
+        for (payload,) in conn.execute("SELECT payload FROM pending_approvals").fetchall()
+        for i in PendingApproval.model_validate_json(payload).audit_ids
+    }
+    conn.execute(
+        "UPDATE tool_audit SET status = 'error', error = 'the gateway stopped while this "
+        "call ran; its effect is unknown' WHERE status = 'running'"
+    )
+    open_rows = conn.execute("SELECT id FROM tool_audit WHERE status = 'pending'").fetchall()
+    conn.executemany(
+        "UPDATE tool_audit SET status = 'cancelled', error = 'the gateway stopped before "
+        "this call ran' WHERE id = ?",
+        [(row[0],) for row in open_rows if row[0] not in waiting],
+    )
+
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -412,7 +562,10 @@ class AsyncStore:
 
     async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, partial(fn, *args, **kwargs))
+        try:
+            return await loop.run_in_executor(self._executor, partial(fn, *args, **kwargs))
+        except sqlite3.Error as exc:
+            raise StorageError(describe_failure(self._store.path, exc)) from exc
 
     async def close(self) -> None:
         await self._run(self._store.close)
@@ -424,8 +577,11 @@ class AsyncStore:
     async def get_messages(self, conversation_id: str) -> list[dict[str, Any]]:
         return await self._run(self._store.get_messages, conversation_id)
 
-    async def append_messages(self, conversation_id: str, messages: list[dict[str, Any]]) -> None:
-        await self._run(self._store.append_messages, conversation_id, messages)
+    async def load_conversation(self, conversation_id: str) -> StoredConversation:
+        return await self._run(self._store.load_conversation, conversation_id)
+
+    async def commit_turn(self, commit: TurnCommit) -> None:
+        await self._run(self._store.commit_turn, commit)
 
     async def reset_conversation(self, conversation_id: str) -> None:
         await self._run(self._store.reset_conversation, conversation_id)
@@ -442,24 +598,16 @@ class AsyncStore:
     async def set_setting(self, key: str, value: Any) -> None:
         await self._run(self._store.set_setting, key, value)
 
-    async def record_tool_call(self, record: AuditRecord) -> int:
-        return await self._run(self._store.record_tool_call, record)
+    async def record_tool_calls(self, records: list[AuditRecord]) -> list[int]:
+        return await self._run(self._store.record_tool_calls, records)
+
+    async def update_tool_calls(self, updates: list[AuditUpdate]) -> None:
+        await self._run(self._store.update_tool_calls, updates)
 
     async def list_tool_audit(
         self, limit: int = 100, conversation_id: str | None = None
     ) -> list[AuditRecord]:
         return await self._run(self._store.list_tool_audit, limit, conversation_id)
-
-    async def save_pending_approval(self, approval: PendingApproval) -> None:
-        await self._run(self._store.save_pending_approval, approval)
-
-    async def get_pending_approval(
-        self, conversation_id: str, approval_id: str
-    ) -> PendingApproval | None:
-        return await self._run(self._store.get_pending_approval, conversation_id, approval_id)
-
-    async def delete_pending_approval(self, conversation_id: str, approval_id: str) -> bool:
-        return await self._run(self._store.delete_pending_approval, conversation_id, approval_id)
 
     async def record_benchmark(self, result: dict[str, Any]) -> int:
         return await self._run(self._store.record_benchmark, result)

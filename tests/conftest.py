@@ -28,6 +28,17 @@ SMOLLM = MODELS_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA = MODELS_DIR / "gemma-3-270m-q4_k_m.gguf"
 
 
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
+    """Poll until ``predicate`` returns something truthy, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -4,7 +4,8 @@
 The gateway starts it exactly as it starts llama-server (LLAMA_SERVER_PATH points here).
 FAKE_LLAMA_SCRIPT names a JSON file: a list of replies served in order to
 /v1/chat/completions (the last one repeats). A reply is a chat message dict, or
-{"status": 500, "error": "..."}; with "stream_chunks" it streams those strings slowly.
+{"status": 500, "error": "..."}; with "stream_chunks" it streams those strings slowly. A
+streamed request for a plain reply gets it as one SSE chunk (tool calls included).
 Every request body is appended to FAKE_LLAMA_SCRIPT + ".log"; a client that hangs up
 mid-stream is recorded as {"cancelled": true}.
 """
@@ -78,17 +79,28 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(reply["status"], {"error": {"message": reply["error"]}})
         elif "stream_chunks" in reply:
             self.stream(reply["stream_chunks"], float(reply.get("delay", 0.2)))
+        elif body.get("stream"):
+            self.stream_message(reply)
         else:
             self.send_json(200, completion(reply))
 
     def stream(self, chunks: list[str], delay: float) -> None:
+        events = [{"choices": [{"index": 0, "delta": {"content": text}}]} for text in chunks]
+        self.send_events(events, delay)
+
+    def stream_message(self, message: dict) -> None:
+        calls = [{"index": i, **call} for i, call in enumerate(message.get("tool_calls") or [])]
+        delta = {"content": message.get("content"), "tool_calls": calls}
+        finish = "tool_calls" if calls else "stop"
+        self.send_events([{"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}], 0)
+
+    def send_events(self, events: list[dict], delay: float) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         try:
-            for text in chunks:
-                event = {"choices": [{"index": 0, "delta": {"content": text}}]}
+            for event in events:
                 payload = f"data: {json.dumps(event)}\n\n".encode()
                 self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
                 self.wfile.flush()

@@ -8,11 +8,13 @@ calls, an upstream 500, a hang-up mid-stream) happen on demand.
 from __future__ import annotations
 
 import json
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
-from conftest import PROJECT_DIR, GatewayProcess
+from conftest import PROJECT_DIR, GatewayProcess, wait_for
 
 FAKE = PROJECT_DIR / "tests" / "fake_llama_server.py"
 
@@ -32,6 +34,12 @@ def scripted_gateway(
 def requests_seen(tmp_path: Path) -> list[dict]:
     log = tmp_path / "script.json.log"
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def stored(server: GatewayProcess, conversation: str = "default") -> list[dict]:
+    """The stored messages ([] while the conversation does not exist)."""
+    reply = requests.get(f"{server.url}/conversations/{conversation}", timeout=5)
+    return reply.json()["messages"] if reply.status_code == 200 else []
 
 
 def decide(server: GatewayProcess, approval_id: str, approve: bool) -> requests.Response:
@@ -157,9 +165,10 @@ def test_a_client_that_hangs_up_mid_stream_cancels_the_generation(
     while time.monotonic() < deadline and {"cancelled": True} not in requests_seen(tmp_path):
         time.sleep(0.1)
     assert {"cancelled": True} in requests_seen(tmp_path)
-    history = requests.get(f"{server.url}/conversations/default", timeout=5).json()["messages"]
+    history = wait_for(lambda: stored(server))
     assert [m["role"] for m in history] == ["user", "assistant"]
     assert history[1]["content"].startswith("tok0 ")
+    assert history[1]["interrupted"] is True
 
 
 def delete_scenario(make_gateway, tmp_path: Path, answer: str, **env: str):  # type: ignore[no-untyped-def]
@@ -272,3 +281,116 @@ def test_each_destructive_call_of_a_turn_is_asked_for_in_turn(make_gateway, tmp_
         m["tool_call_id"] for m in requests_seen(tmp_path)[1]["messages"] if m["role"] == "tool"
     ]
     assert tool_ids == ["first", "safe", "second"]
+
+
+def test_the_calls_of_one_answer_run_in_order_so_a_read_sees_the_write(
+    make_gateway, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    server = scripted_gateway(
+        make_gateway,
+        tmp_path,
+        [
+            {
+                "content": None,
+                "tool_calls": [
+                    tool_call("write_file", '{"path": "notes.txt", "content": "draft 1"}', "w"),
+                    tool_call("read_file", '{"path": "notes.txt"}', "r"),
+                ],
+            },
+            {"content": "Written and read."},
+        ],
+    )
+    body = chat(server, "write then read").json()
+    assert [c["id"] for c in body["tool_calls"]] == ["w", "r"]
+    assert body["tool_calls"][1]["result"]["content"] == "draft 1"
+
+
+def test_a_new_message_declines_the_calls_waiting_for_approval(
+    make_gateway, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    server, keep = delete_scenario(make_gateway, tmp_path, "Fine, I will not.")
+    pending = chat(server, "delete keep.txt").json()["pending_approval"]
+    reply = chat(server, "No, leave it.")
+    assert reply.status_code == 200 and reply.json()["response"] == "Fine, I will not."
+    roles = [m["role"] for m in stored(server)]
+    assert roles == ["user", "assistant", "tool", "user", "assistant"]
+    assert "superseded by a new message" in stored(server)[2]["content"]
+    assert keep.read_text() == "stay"
+    assert decide(server, pending["approval_id"], True).status_code == 404
+    assert keep.exists()
+    audit = requests.get(f"{server.url}/tools/audit", timeout=5).json()["records"]
+    assert [(r["tool"], r["status"]) for r in audit] == [("delete_file", "superseded")]
+
+
+def test_the_audit_follows_a_call_from_proposal_to_its_result(make_gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server, _ = delete_scenario(make_gateway, tmp_path, "Deleted.")
+    pending = chat(server, "delete keep.txt").json()["pending_approval"]
+    (proposed,) = requests.get(f"{server.url}/tools/audit", timeout=5).json()["records"]
+    assert (proposed["status"], proposed["approval"]) == ("pending", "undecided")
+    decide(server, pending["approval_id"], True)
+    (decided,) = requests.get(f"{server.url}/tools/audit", timeout=5).json()["records"]
+    assert decided["id"] == proposed["id"]
+    assert (decided["status"], decided["approval"]) == ("success", "approved")
+    assert decided["tool_call_id"] == "c1"
+
+
+class SlowHttp(ThreadingHTTPServer):
+    """Answers GET after ``delay`` seconds; ``started`` is set when a request arrives."""
+
+    def __init__(self, delay: float) -> None:
+        started = self.started = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                started.set()
+                time.sleep(delay)
+                self.send_response(204)
+                self.end_headers()
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def test_a_call_that_started_is_recorded_when_its_turn_is_stopped(
+    make_gateway, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    slow = SlowHttp(delay=2.0)
+    url = f"http://127.0.0.1:{slow.server_address[1]}/"
+    server = scripted_gateway(
+        make_gateway,
+        tmp_path,
+        [
+            {
+                "content": None,
+                "tool_calls": [
+                    tool_call("measure_http_latency", json.dumps({"url": url}), "slow"),
+                    tool_call("get_current_directory", "{}", "later"),
+                ],
+            },
+            {"content": "unused"},
+        ],
+        AILAB_NET_ALLOW_PRIVATE="1",
+    )
+    with requests.post(
+        f"{server.url}/chat",
+        json={
+            "messages": [{"role": "user", "content": "time it"}],
+            "enable_tools": True,
+            "stream": True,
+        },
+        stream=True,
+        timeout=30,
+    ) as reply:
+        assert reply.status_code == 200
+        assert slow.started.wait(20)  # the tool is running; now the client goes away
+    history = wait_for(lambda: stored(server))
+    slow.shutdown()
+    assert [m["role"] for m in history] == ["user", "assistant", "tool", "tool"]
+    assert '"status_code": 204' in history[2]["content"]
+    assert "Not run" in history[3]["content"] and history[3]["interrupted"] is True
+    audit = requests.get(f"{server.url}/tools/audit", timeout=5).json()["records"]
+    statuses = {r["tool_call_id"]: r["status"] for r in audit}
+    assert statuses == {"slow": "success", "later": "cancelled"}

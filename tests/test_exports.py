@@ -109,6 +109,20 @@ def test_record_ends_with_the_last_assistant_turn() -> None:
     assert roles(record) == ["user", "assistant"]
 
 
+def test_an_interrupted_exchange_is_left_out_unless_asked_for() -> None:
+    cut = {"role": "assistant", "content": "Once upon a", "interrupted": True}
+    messages = [*PLAIN_CONVERSATION, {"role": "user", "content": "A story?"}, cut]
+    assert to_training_record(messages, None) == {"messages": PLAIN_CONVERSATION}
+    kept = to_training_record(messages, None, include_interrupted=True)
+    assert roles(kept) == ["user", "assistant", "user", "assistant"]
+
+
+def test_an_interrupted_tool_exchange_goes_out_whole_or_not_at_all() -> None:
+    stopped = RESULT | {"interrupted": True}
+    messages = [*PLAIN_CONVERSATION, USER, CALL, stopped]
+    assert to_training_record(messages, None) == {"messages": PLAIN_CONVERSATION}
+
+
 # --- formats ------------------------------------------------------------------------------
 
 
@@ -120,7 +134,7 @@ CONVERSATIONS = {
 
 
 def test_jsonl_has_one_valid_json_line_per_trainable_conversation() -> None:
-    out = export_jsonl(CONVERSATIONS, "sys", include_tools=True)
+    out = export_jsonl(CONVERSATIONS, dict.fromkeys(CONVERSATIONS, "sys"), include_tools=True)
     lines = out.splitlines()
     assert out.endswith("\n")
     assert len(lines) == 2
@@ -134,14 +148,14 @@ def test_jsonl_keeps_non_ascii_and_newlines_on_one_line() -> None:
         {"role": "user", "content": "héllo\nworld"},
         {"role": "assistant", "content": "ça va"},
     ]
-    out = export_jsonl({"c": conversation}, None)
+    out = export_jsonl({"c": conversation}, {})
     assert len(out.splitlines()) == 1
     assert "ça va" in out
     assert json.loads(out)["messages"][0]["content"] == "héllo\nworld"
 
 
 def test_jsonl_without_tools_has_no_tool_traffic() -> None:
-    out = export_jsonl(CONVERSATIONS, None, include_tools=False)
+    out = export_jsonl(CONVERSATIONS, {}, include_tools=False)
     for line in out.splitlines():
         for message in json.loads(line)["messages"]:
             assert message["role"] != "tool"
@@ -149,17 +163,17 @@ def test_jsonl_without_tools_has_no_tool_traffic() -> None:
 
 
 def test_jsonl_of_nothing_is_empty() -> None:
-    assert export_jsonl({}, "sys") == ""
+    assert export_jsonl({}, {}) == ""
 
 
 def test_json_is_a_list_of_ids_and_messages() -> None:
-    out = json.loads(export_json(CONVERSATIONS, None))
+    out = json.loads(export_json(CONVERSATIONS, {}))
     assert [item["id"] for item in out] == ["tools", "plain"]
     assert out[1]["messages"] == PLAIN_CONVERSATION
 
 
 def test_text_transcript_labels_every_turn() -> None:
-    out = export_text(CONVERSATIONS, "Be kind.")
+    out = export_text(CONVERSATIONS, {"tools": "Be kind.", "plain": "Be brief."})
     assert out == (
         "### conversation tools\n"
         "System: Be kind.\n"
@@ -169,7 +183,7 @@ def test_text_transcript_labels_every_turn() -> None:
         "Assistant: You have a.txt.\n"
         "\n"
         "### conversation plain\n"
-        "System: Be kind.\n"
+        "System: Be brief.\n"
         "User: Hi\n"
         "Assistant: Hello\n"
         "\n"
@@ -177,15 +191,15 @@ def test_text_transcript_labels_every_turn() -> None:
 
 
 def test_text_without_tools_has_no_tool_lines() -> None:
-    out = export_text({"tools": TOOL_CONVERSATION}, None, include_tools=False)
+    out = export_text({"tools": TOOL_CONVERSATION}, {}, include_tools=False)
     assert "Tool " not in out
     assert "calls" not in out
 
 
 @pytest.mark.parametrize("fmt", EXPORT_FORMATS)
 def test_export_conversations_dispatches_each_format(fmt: str) -> None:
-    assert export_conversations(fmt, CONVERSATIONS, None) == EXPORTERS[fmt](
-        CONVERSATIONS, None, True
+    assert export_conversations(fmt, CONVERSATIONS, {}) == EXPORTERS[fmt](
+        CONVERSATIONS, {}, True, False
     )
 
 
@@ -195,7 +209,7 @@ def test_export_formats_and_exporters_agree() -> None:
 
 def test_unknown_format_is_rejected() -> None:
     with pytest.raises(ValueError, match="csv"):
-        export_conversations("csv", CONVERSATIONS, None)
+        export_conversations("csv", CONVERSATIONS, {})
 
 
 @pytest.mark.parametrize(

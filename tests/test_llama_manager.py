@@ -8,23 +8,12 @@ import signal
 import socket
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import requests
-from conftest import SMOLLM, GatewayProcess, free_port
-
-
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
+from conftest import SMOLLM, GatewayProcess, free_port, wait_for
 
 
 def test_health_reports_the_default_model_ready_on_its_device(
@@ -159,23 +148,34 @@ def test_a_missing_default_model_file_is_reported_on_health(make_gateway, tmp_pa
     assert requests.get(f"{server.url}/health", timeout=5).json()["status"] == "ok"
 
 
-def test_a_hugging_face_model_is_downloaded_with_progress_then_served(
+def hf_models(tmp_path: Path) -> dict[str, str]:
+    """Gateway settings with two Hugging Face models at a local hub: one that exists."""
+    extra = tmp_path / "extra.json"
+    extra.write_text(
+        json.dumps(
+            {
+                "hf-smol": {"hf_repo": "test-org/smol-GGUF:Q4_1"},
+                "hf-absent": {"hf_repo": "test-org/absent-GGUF:Q4_1"},
+            }
+        )
+    )
+    return {"AILAB_EXTRA_MODELS": str(extra), "LLAMA_CACHE": str(tmp_path / "hf-cache")}
+
+
+def slow_hub():  # type: ignore[no-untyped-def]
+    """A hub that sends the model at 4 MB/s (about 25 s), at full speed once closed."""
+    from hf_fixture import FakeHfHub
+
+    files = {"smol-Q4_1.gguf": SMOLLM, "smol-Q8_0.gguf": b"not this one"}
+    return FakeHfHub(files, repo_id="test-org/smol-GGUF", throttle_bytes_per_s=4_000_000)
+
+
+def test_a_switch_downloads_first_while_the_current_model_keeps_serving(
     make_gateway,
     tmp_path: Path,  # type: ignore[no-untyped-def]
 ) -> None:
-    from hf_fixture import FakeHfHub
-
-    extra = tmp_path / "extra.json"
-    extra.write_text(json.dumps({"hf-smol": {"hf_repo": "test-org/smol-GGUF:Q4_1"}}))
-    files = {"smol-Q4_1.gguf": SMOLLM, "smol-Q8_0.gguf": b"not this one"}
-    with FakeHfHub(files, repo_id="test-org/smol-GGUF", throttle_bytes_per_s=40_000_000) as hub:
-        server: GatewayProcess = make_gateway(
-            {
-                "AILAB_EXTRA_MODELS": str(extra),
-                "HF_ENDPOINT": hub.endpoint,
-                "LLAMA_CACHE": str(tmp_path / "hf-cache"),
-            }
-        )
+    with slow_hub() as hub:
+        server: GatewayProcess = make_gateway({**hf_models(tmp_path), "HF_ENDPOINT": hub.endpoint})
         outcome: dict[str, requests.Response] = {}
         switching = threading.Thread(
             target=lambda: outcome.update(
@@ -185,8 +185,14 @@ def test_a_hugging_face_model_is_downloaded_with_progress_then_served(
             )
         )
         switching.start()
-        progress = wait_for(lambda: _download_progress(server), timeout=30, interval=0.05)
-        switching.join()
+        progress = wait_for(lambda: _download_progress(server, "ok"), timeout=30, interval=0.05)
+        chat = requests.post(
+            f"{server.url}/chat",
+            json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+            timeout=120,
+        )
+        assert chat.status_code == 200 and chat.json()["model_key"] == "smollm2-135m"
+    switching.join()  # closing the hub let the download finish
     assert progress["filename"] == "smol-Q4_1.gguf"
     assert progress["total_bytes"] == SMOLLM.stat().st_size
     assert outcome["switch"].status_code == 200, outcome["switch"].text
@@ -196,10 +202,51 @@ def test_a_hugging_face_model_is_downloaded_with_progress_then_served(
     assert cached and cached[0].stat().st_size == SMOLLM.stat().st_size
 
 
-def _download_progress(server: GatewayProcess) -> dict | None:
-    body = requests.get(f"{server.url}/health", timeout=2).json()
+def test_a_failed_download_leaves_the_current_model_serving(
+    make_gateway,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    with slow_hub() as hub:
+        server: GatewayProcess = make_gateway({**hf_models(tmp_path), "HF_ENDPOINT": hub.endpoint})
+        reply = requests.post(
+            f"{server.url}/model/switch", json={"model_key": "hf-absent"}, timeout=120
+        )
+    assert reply.status_code == 502
+    detail = reply.json()["detail"]
+    assert "test-org/absent-GGUF" in detail and "smollm2-135m is still serving" in detail
+    health = requests.get(f"{server.url}/health", timeout=5).json()
+    assert (health["status"], health["model_key"]) == ("ok", "smollm2-135m")
+
+
+def test_the_port_opens_while_the_first_model_downloads(
+    make_gateway,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+) -> None:
+    with slow_hub() as hub:
+        env = {**hf_models(tmp_path), "HF_ENDPOINT": hub.endpoint}
+        server: GatewayProcess = make_gateway(
+            {**env, "AILAB_DEFAULT_MODEL": "hf-smol", "AILAB_SWITCH_WAIT": "1"}, wait=False
+        )
+        progress = wait_for(lambda: _download_progress(server, "loading"), timeout=60)
+        assert progress["filename"] == "smol-Q4_1.gguf"
+        waited = requests.post(
+            f"{server.url}/chat",
+            json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+            timeout=30,
+        )
+        assert waited.status_code == 503
+        assert "still downloading" in waited.json()["detail"]
+    health = server.wait_healthy(120)
+    assert health["model_key"] == "hf-smol"
+
+
+def _download_progress(server: GatewayProcess, status: str) -> dict | None:
+    try:
+        body = requests.get(f"{server.url}/health", timeout=2).json()
+    except requests.ConnectionError:
+        return None
     download = body.get("download")
-    if body["status"] == "loading" and download and download["downloaded_bytes"] > 0:
+    if body["status"] == status and download and download["downloaded_bytes"] > 0:
         return download
     return None
 

@@ -15,9 +15,13 @@ from ailab.storage import (
     MIGRATIONS,
     AsyncStore,
     AuditRecord,
+    AuditUpdate,
+    ConversationChanged,
     PendingApproval,
     SchemaTooNewError,
+    StorageError,
     Store,
+    TurnCommit,
     merge_messages,
 )
 
@@ -69,6 +73,29 @@ def approval(approval_id: str = "a1", conversation_id: str = "c1") -> PendingApp
     )
 
 
+def append(store: Store, conversation_id: str, messages: list[dict], **extra: object) -> None:
+    """One turn's worth of messages, committed the way the gateway commits a turn."""
+    expected = len(store.get_messages(conversation_id))
+    store.commit_turn(
+        TurnCommit.model_validate(
+            {
+                "conversation_id": conversation_id,
+                "expected_count": expected,
+                "messages": messages,
+                **extra,
+            }
+        )
+    )
+
+
+def record(store: Store, entry: AuditRecord) -> int:
+    return store.record_tool_calls([entry])[0]
+
+
+def pending_ids(store: Store, conversation_id: str) -> list[str]:
+    return [p.approval_id for p in store.load_conversation(conversation_id).pending]
+
+
 # --- opening and migrations ---------------------------------------------------------------
 
 
@@ -86,7 +113,7 @@ def test_database_uses_wal_journal(store: Store, db_path: Path) -> None:
 
 def test_reopening_is_idempotent_and_keeps_data(db_path: Path) -> None:
     with Store(db_path) as store:
-        store.append_messages("c1", [USER, ASSISTANT])
+        append(store, "c1", [USER, ASSISTANT])
         store.set_setting("system_prompt", "Be brief.")
     with Store(db_path) as store:
         assert store.schema_version == len(MIGRATIONS)
@@ -104,7 +131,7 @@ def test_opening_a_partially_migrated_database_applies_only_the_rest(db_path: Pa
     with Store(db_path) as store:
         assert store.schema_version == len(MIGRATIONS)
         assert store.get_setting("kept") is True
-        store.record_tool_call(audit("read_file"))
+        record(store, audit("read_file"))
 
 
 def test_database_from_newer_code_is_refused(db_path: Path) -> None:
@@ -120,20 +147,20 @@ def test_database_from_newer_code_is_refused(db_path: Path) -> None:
 
 
 def test_messages_keep_their_order_across_appends(store: Store) -> None:
-    store.append_messages("c1", [USER, CALL])
-    store.append_messages("c1", [RESULT, ASSISTANT])
+    append(store, "c1", [USER, CALL])
+    append(store, "c1", [RESULT, ASSISTANT])
     assert store.get_messages("c1") == [USER, CALL, RESULT, ASSISTANT]
 
 
 def test_messages_round_trip_every_field(store: Store) -> None:
     odd = {"role": "assistant", "content": "ok", "reasoning_content": "thinking", "name": "bot"}
-    store.append_messages("c1", [odd, RESULT])
+    append(store, "c1", [odd, RESULT])
     assert store.get_messages("c1") == [odd, RESULT]
 
 
 def test_conversations_are_isolated(store: Store) -> None:
-    store.append_messages("c1", [USER])
-    store.append_messages("c2", [ASSISTANT])
+    append(store, "c1", [USER])
+    append(store, "c2", [ASSISTANT])
     assert store.get_messages("c1") == [USER]
     assert store.get_messages("c2") == [ASSISTANT]
 
@@ -144,21 +171,21 @@ def test_unknown_conversation_has_no_messages_and_does_not_exist(store: Store) -
 
 
 def test_append_creates_the_conversation(store: Store) -> None:
-    store.append_messages("c1", [])
+    append(store, "c1", [])
     assert store.conversation_exists("c1")
 
 
 def test_reset_empties_but_keeps_the_conversation(store: Store) -> None:
-    store.append_messages("c1", [USER, ASSISTANT])
+    append(store, "c1", [USER, ASSISTANT])
     store.reset_conversation("c1")
     assert store.get_messages("c1") == []
     assert store.conversation_exists("c1")
-    store.append_messages("c1", [USER])
+    append(store, "c1", [USER])
     assert store.get_messages("c1") == [USER]
 
 
 def test_delete_removes_the_conversation_and_its_messages(store: Store) -> None:
-    store.append_messages("c1", [USER, ASSISTANT])
+    append(store, "c1", [USER, ASSISTANT])
     assert store.delete_conversation("c1") is True
     assert not store.conversation_exists("c1")
     assert store.get_messages("c1") == []  # removed by the foreign-key cascade
@@ -166,10 +193,10 @@ def test_delete_removes_the_conversation_and_its_messages(store: Store) -> None:
 
 
 def test_list_conversations_is_newest_first_with_titles_and_counts(store: Store) -> None:
-    store.append_messages("old", [USER, ASSISTANT])
-    store.append_messages("new", [{"role": "user", "content": "x" * 100}])
-    store.append_messages("empty", [])
-    store.append_messages("old", [USER])  # activity moves it to the top
+    append(store, "old", [USER, ASSISTANT])
+    append(store, "new", [{"role": "user", "content": "x" * 100}])
+    append(store, "empty", [])
+    append(store, "old", [USER])  # activity moves it to the top
 
     summaries = store.list_conversations()
 
@@ -183,12 +210,12 @@ def test_list_conversations_is_newest_first_with_titles_and_counts(store: Store)
 
 
 def test_title_skips_leading_assistant_and_collapses_whitespace(store: Store) -> None:
-    store.append_messages("c1", [ASSISTANT, {"role": "user", "content": " two\n  lines "}])
+    append(store, "c1", [ASSISTANT, {"role": "user", "content": " two\n  lines "}])
     assert store.list_conversations()[0].title == "two lines"
 
 
 def test_summary_timestamps_are_utc(store: Store) -> None:
-    store.append_messages("c1", [USER])
+    append(store, "c1", [USER])
     summary = store.list_conversations()[0]
     assert summary.created_at.utcoffset() == timedelta(0)
     assert summary.updated_at >= summary.created_at
@@ -196,7 +223,7 @@ def test_summary_timestamps_are_utc(store: Store) -> None:
 
 
 def test_reset_clears_the_title(store: Store) -> None:
-    store.append_messages("c1", [USER])
+    append(store, "c1", [USER])
     store.reset_conversation("c1")
     assert store.list_conversations()[0].title is None
 
@@ -233,17 +260,17 @@ def test_unserialisable_setting_is_rejected_and_nothing_stored(store: Store) -> 
 
 
 def test_audit_lists_newest_first_with_ids(store: Store) -> None:
-    first = store.record_tool_call(audit("read_file"))
-    second = store.record_tool_call(audit("write_file"))
+    first = record(store, audit("read_file"))
+    second = record(store, audit("write_file"))
     records = store.list_tool_audit()
     assert [(r.id, r.tool) for r in records] == [(second, "write_file"), (first, "read_file")]
 
 
 def test_audit_filters_by_conversation_and_limits(store: Store) -> None:
     for i in range(3):
-        store.record_tool_call(audit(f"t{i}", conversation_id="c1"))
-    store.record_tool_call(audit("other", conversation_id="c2"))
-    store.record_tool_call(audit("global", conversation_id=None))
+        record(store, audit(f"t{i}", conversation_id="c1"))
+    record(store, audit("other", conversation_id="c2"))
+    record(store, audit("global", conversation_id=None))
 
     assert [r.tool for r in store.list_tool_audit(conversation_id="c1")] == ["t2", "t1", "t0"]
     assert [r.tool for r in store.list_tool_audit(limit=2)] == ["global", "other"]
@@ -252,7 +279,7 @@ def test_audit_filters_by_conversation_and_limits(store: Store) -> None:
 
 def test_audit_round_trips_every_field(store: Store) -> None:
     when = datetime(2024, 5, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))
-    record = audit(
+    entry = audit(
         "run_command",
         arguments="{not json",
         status="refused",
@@ -261,9 +288,9 @@ def test_audit_round_trips_every_field(store: Store) -> None:
         duration_ms=0.25,
         timestamp=when,
     )
-    record_id = store.record_tool_call(record)
+    record_id = record(store, entry)
     (stored,) = store.list_tool_audit()
-    assert stored == record.model_copy(update={"id": record_id})
+    assert stored == entry.model_copy(update={"id": record_id})
     assert stored.timestamp == datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
     assert stored.arguments == "{not json"
 
@@ -278,38 +305,137 @@ def test_audit_rejects_unknown_status() -> None:
 
 def test_pending_approval_round_trips_including_state(store: Store) -> None:
     saved = approval()
-    store.save_pending_approval(saved)
-    assert store.get_pending_approval("c1", "a1") == saved
+    append(store, "c1", [USER, CALL], pending=saved)
+    assert store.load_conversation("c1").pending == [saved]
 
 
 def test_pending_approval_is_scoped_to_its_conversation(store: Store) -> None:
-    store.save_pending_approval(approval())
-    assert store.get_pending_approval("c2", "a1") is None
+    append(store, "c1", [USER, CALL], pending=approval())
+    assert pending_ids(store, "c2") == []
 
 
-def test_pending_approval_deleted_once(store: Store) -> None:
-    store.save_pending_approval(approval())
-    assert store.delete_pending_approval("c1", "a1") is True
-    assert store.get_pending_approval("c1", "a1") is None
-    assert store.delete_pending_approval("c1", "a1") is False
+def test_a_turn_drops_the_approvals_it_decides(store: Store) -> None:
+    append(store, "c1", [USER, CALL], pending=approval())
+    append(store, "c1", [RESULT, ASSISTANT], dropped_approvals=["a1"])
+    assert pending_ids(store, "c1") == []
+    assert store.get_messages("c1") == [USER, CALL, RESULT, ASSISTANT]
 
 
 def test_pending_approval_survives_reopen(db_path: Path) -> None:
     saved = approval()
     with Store(db_path) as store:
-        store.save_pending_approval(saved)
+        append(store, "c1", [USER, CALL], pending=saved)
     with Store(db_path) as store:
-        assert store.get_pending_approval("c1", "a1") == saved
+        assert store.load_conversation("c1").pending == [saved]
 
 
 @pytest.mark.parametrize("operation", ["reset_conversation", "delete_conversation"])
 def test_clearing_a_conversation_drops_its_pending_approvals(store: Store, operation: str) -> None:
-    store.append_messages("c1", [USER, CALL])
-    store.save_pending_approval(approval("a1", "c1"))
-    store.save_pending_approval(approval("a2", "c2"))
+    append(store, "c1", [USER, CALL], pending=approval("a1", "c1"))
+    append(store, "c2", [USER, CALL], pending=approval("a2", "c2"))
     getattr(store, operation)("c1")
-    assert store.get_pending_approval("c1", "a1") is None
-    assert store.get_pending_approval("c2", "a2") is not None
+    assert pending_ids(store, "c1") == []
+    assert pending_ids(store, "c2") == ["a2"]
+
+
+@pytest.mark.parametrize(
+    ("operation", "reason"),
+    [("reset_conversation", "reset"), ("delete_conversation", "deleted")],
+)
+def test_calls_of_a_dropped_approval_are_marked_superseded_in_the_audit(
+    store: Store, operation: str, reason: str
+) -> None:
+    row = record(store, audit("write_file", status="pending", approval="undecided"))
+    waiting = approval().model_copy(update={"audit_ids": [row]})
+    append(store, "c1", [USER, CALL], pending=waiting)
+    getattr(store, operation)("c1")
+    (entry,) = store.list_tool_audit()
+    assert (entry.status, entry.approval) == ("superseded", "undecided")
+    assert reason in (entry.error or "")
+
+
+# --- turns --------------------------------------------------------------------------------
+
+
+def test_a_turn_commits_its_messages_prompts_approval_and_audit_together(store: Store) -> None:
+    row = record(store, audit("write_file", status="running", approval="approved"))
+    append(
+        store,
+        "c1",
+        [USER, CALL, RESULT, ASSISTANT],
+        system_prompt="Be a pirate.",
+        used_system_prompt="Be a pirate.",
+        audit=[AuditUpdate(id=row, status="success", duration_ms=3.0)],
+    )
+    stored = store.load_conversation("c1")
+    assert stored.messages == [USER, CALL, RESULT, ASSISTANT]
+    assert (stored.system_prompt, stored.used_system_prompt) == ("Be a pirate.", "Be a pirate.")
+    (entry,) = store.list_tool_audit()
+    assert (entry.status, entry.approval, entry.duration_ms) == ("success", "approved", 3.0)
+
+
+def test_a_turn_that_fails_while_writing_leaves_nothing_behind(store: Store) -> None:
+    append(store, "c1", [USER, CALL], pending=approval())
+    unwritable = {"role": "assistant", "content": object()}  # not JSON: fails mid-commit
+    with pytest.raises(TypeError):
+        append(store, "c1", [RESULT, unwritable], dropped_approvals=["a1"], system_prompt="x")
+    stored = store.load_conversation("c1")
+    assert stored.messages == [USER, CALL]
+    assert [p.approval_id for p in stored.pending] == ["a1"]
+    assert stored.system_prompt is None
+
+
+def test_a_turn_built_on_an_outdated_history_is_refused(store: Store) -> None:
+    append(store, "c1", [USER, ASSISTANT])
+    with pytest.raises(ConversationChanged):
+        store.commit_turn(TurnCommit(conversation_id="c1", expected_count=0, messages=[USER]))
+    assert store.get_messages("c1") == [USER, ASSISTANT]
+
+
+def test_a_regenerated_answer_replaces_everything_after_the_kept_messages(store: Store) -> None:
+    append(store, "c1", [USER, CALL, RESULT, ASSISTANT])
+    again = {"role": "assistant", "content": "Four."}
+    append(store, "c1", [again], keep=1)
+    assert store.get_messages("c1") == [USER, again]
+    append(store, "c1", [USER])
+    assert store.get_messages("c1") == [USER, again, USER]
+
+
+def test_reset_forgets_the_conversation_prompt(store: Store) -> None:
+    append(store, "c1", [USER], system_prompt="Be a pirate.", used_system_prompt="Be a pirate.")
+    store.reset_conversation("c1")
+    stored = store.load_conversation("c1")
+    assert (stored.exists, stored.system_prompt, stored.used_system_prompt) == (True, None, None)
+
+
+def test_opening_closes_audit_rows_a_killed_gateway_left_open(db_path: Path) -> None:
+    with Store(db_path) as store:
+        ran = record(store, audit("write_file", status="running", approval="approved"))
+        never = record(store, audit("read_file", status="pending", approval="undecided"))
+        asked = record(store, audit("delete_file", status="pending", approval="undecided"))
+        waiting = approval().model_copy(update={"audit_ids": [asked]})
+        append(store, "c1", [USER, CALL], pending=waiting)
+    with Store(db_path) as store:
+        rows = {r.id: r for r in store.list_tool_audit()}
+    assert rows[ran].status == "error" and "unknown" in (rows[ran].error or "")
+    assert rows[never].status == "cancelled"
+    assert rows[asked].status == "pending"
+
+
+def test_a_damaged_database_file_is_refused_naming_the_file(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    db_path.write_bytes(b"this is not a database, just some bytes" * 100)
+    with pytest.raises(StorageError, match=str(db_path)) as caught:
+        Store(db_path)
+    assert "damaged" in str(caught.value)
+
+
+def test_a_database_on_a_read_only_file_system_is_refused_clearly() -> None:
+    # /proc takes no new files from anybody, root included.
+    target = Path("/proc/ailab-test/ailab.sqlite3")
+    with pytest.raises(StorageError, match="/proc/ailab-test") as caught:
+        Store(target)
+    assert "writable" in str(caught.value)
 
 
 # --- benchmarks ---------------------------------------------------------------------------
@@ -348,7 +474,13 @@ def test_async_store_works_from_an_event_loop(db_path: Path) -> None:
         try:
             await asyncio.gather(
                 *(
-                    store.append_messages("c1", [{"role": "user", "content": str(i)}])
+                    store.commit_turn(
+                        TurnCommit(
+                            conversation_id="c1",
+                            expected_count=i,
+                            messages=[{"role": "user", "content": str(i)}],
+                        )
+                    )
                     for i in range(20)
                 )
             )
@@ -359,11 +491,12 @@ def test_async_store_works_from_an_event_loop(db_path: Path) -> None:
             assert await store.get_setting("n_gpu_layers") == 0
             assert await store.conversation_exists("c1")
             assert [s.id for s in await store.list_conversations()] == ["c1"]
-            await store.record_tool_call(audit("read_file"))
+            await store.record_tool_calls([audit("read_file")])
             assert len(await store.list_tool_audit(conversation_id="c1")) == 1
-            await store.save_pending_approval(approval())
-            assert await store.get_pending_approval("c1", "a1") is not None
-            assert await store.delete_pending_approval("c1", "a1")
+            await store.commit_turn(
+                TurnCommit(conversation_id="c1", expected_count=20, messages=[], pending=approval())
+            )
+            assert len((await store.load_conversation("c1")).pending) == 1
             await store.record_benchmark({"model_key": "m"})
             assert len(await store.list_benchmarks()) == 1
             await store.reset_conversation("c1")

@@ -1,9 +1,11 @@
 """The agent loop: model call, tool calls, tool results, again; as a stream of events.
 
-``/chat`` (streamed or not) and ``/chat/approve`` all consume ``ChatEngine.run``. It
-yields ``(event, data)`` pairs: ``delta``, ``tool_call``, ``tool_result``,
-``approval_required``, ``done``. Failures raise; the caller turns them into an HTTP
-error or an SSE ``error`` event.
+``/chat``, regenerate and ``/chat/approve`` all run ``ChatEngine.run`` on a
+``TurnRecord``: the loop reads the history from it and adds what it produces to it;
+storing the turn is the caller's (see ailab/agent/turn.py). It yields ``(event, data)``
+pairs: ``delta``, ``tool_call``, ``tool_result``, ``approval_required``, ``done``.
+Failures raise. Only the tool audit is written as the loop goes: a row when a call is
+proposed, updated when it starts and when it ends.
 """
 
 from __future__ import annotations
@@ -14,23 +16,23 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import httpx
 
 from ailab import tools
 from ailab.agent.token_budget import Message, TokenCounter, fit_messages
+from ailab.agent.turn import Event, TurnRecord
 from ailab.errors import NotFound
-from ailab.storage import AsyncStore, AuditRecord, PendingApproval
+from ailab.storage import AsyncStore, AuditRecord, AuditUpdate, PendingApproval
 from ailab.upstream import proxy
-
-Event = tuple[str, dict[str, Any]]
 
 FORCED_CALL_TOKENS = 256
 
 
 class ApprovalGone(NotFound):
-    """The approval was decided (or dropped with its conversation) meanwhile."""
+    """The approval was decided, superseded or dropped with its conversation."""
 
 
 @dataclass
@@ -118,7 +120,6 @@ class ChatEngine:
         self.max_iterations = max_iterations
         self.tool_policy = tool_policy  # the gateway's current one, read per batch of calls
         self.counter = TokenCounter(self._tokenize)
-        self._background: set[asyncio.Task[None]] = set()
 
     async def _tokenize(self, text: str) -> int:
         body = await proxy.post_json(
@@ -130,59 +131,54 @@ class ChatEngine:
 
     async def run(
         self,
+        turn: TurnRecord,
         opts: TurnOptions,
         stats: TurnStats,
         budget: int,
         calls: list[dict[str, Any]] | None = None,
+        decision: bool | None = None,
     ) -> AsyncIterator[Event]:
         """Call the model until it answers without tool calls, or the cap is reached.
-        ``calls`` are the current turn's tool calls still to run (when resuming)."""
+        ``calls`` are the current turn's tool calls still to run (when resuming), the
+        first of them decided by ``decision``."""
         while True:
             if calls is not None:
-                pending: dict[str, Any] | None = None
-                async for event in self.run_tool_calls(opts, stats, calls):
-                    pending = event[1] if event[0] == "approval_required" else pending
+                async for event in self.run_tool_calls(turn, opts, stats, calls, decision):
                     yield event
-                if pending:
-                    yield "done", {**stats.summary(), "pending_approval": pending}
+                decision = None
+                if turn.pending is not None:
+                    yield "done", {**stats.summary(), "pending_approval": _pending_info(turn)}
                     return
                 if stats.iterations >= self.max_iterations:
                     stats.tool_cap_hit = True
                     break
-            history = await self.store.get_messages(opts.conversation_id)
-            system, schemas = self._prompt_parts(opts)
-            fixed = system + (json.dumps(schemas) if schemas else "")
-            kept, trimmed = await fit_messages(history, fixed, budget, self.counter)
-            stats.trimmed_messages = max(stats.trimmed_messages, trimmed)
-            messages = [{"role": "system", "content": system}, *kept]
+            messages, schemas = await self.prompt(turn, opts, budget, stats)
             forced = bool(schemas) and opts.forces_tool_call and stats.iterations == 0
             stats.iterations += 1
             reply = ModelReply({}, None)
-            try:
-                async for event in self._call_model(opts, messages, schemas, forced, stats, reply):
-                    yield event
-            except (asyncio.CancelledError, GeneratorExit):
-                self._keep_stopped_answer(opts.conversation_id, reply)
-                raise
+            turn.partial = reply.streamed  # what the model has said so far, if it stops
+            async for event in self._call_model(opts, messages, schemas, forced, stats, reply):
+                yield event
             stats.finish_reason = reply.finish_reason
-            await self.store.append_messages(opts.conversation_id, [reply.message])
+            turn.add_output(reply.message)
             calls = reply.message.get("tool_calls")
             stats.content = reply.message.get("content") or ""
             if not calls:
                 break
         yield "done", stats.summary()
 
-    def _keep_stopped_answer(self, conversation_id: str, reply: ModelReply) -> None:
-        """A client that hangs up mid-answer keeps what was generated, so the history still
-        alternates. Written from a task of its own: this one is being cancelled."""
-        if not reply.streamed:
-            return
-        message = {"role": "assistant", "content": "".join(reply.streamed)}
-        task = asyncio.get_running_loop().create_task(
-            self.store.append_messages(conversation_id, [message])
-        )
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    async def prompt(
+        self, turn: TurnRecord, opts: TurnOptions, budget: int, stats: TurnStats | None = None
+    ) -> tuple[list[Message], list[dict[str, Any]] | None]:
+        """The messages and tool schemas of the next model call, fitted to the budget
+        (raises ContextOverflow when the newest message alone does not fit)."""
+        system, schemas = self._prompt_parts(opts)
+        fixed = system + (json.dumps(schemas) if schemas else "")
+        history = [_for_model(m) for m in turn.history]
+        kept, trimmed = await fit_messages(history, fixed, budget, self.counter)
+        if stats is not None:
+            stats.trimmed_messages = max(stats.trimmed_messages, trimmed)
+        return [{"role": "system", "content": system}, *kept], schemas
 
     def _prompt_parts(self, opts: TurnOptions) -> tuple[str, list[dict[str, Any]] | None]:
         if not opts.tools_enabled or opts.tool_choice == "none":
@@ -242,8 +238,6 @@ class ChatEngine:
         the choice allows, and the tool call is made from that."""
         available = {t["function"]["name"]: t["function"] for t in tools.get_available_tools()}
         name = opts.named_tool
-        if name is not None and name not in available:
-            raise proxy.UpstreamError(f"tool_choice names an unknown tool {name!r}", 400)
         schema, instruction = _forced_schema(name, available)
         payload: dict[str, Any] = {
             **opts.sampling,
@@ -299,114 +293,151 @@ class ChatEngine:
     # --- tools -------------------------------------------------------------------------
 
     async def run_tool_calls(
-        self, opts: TurnOptions, stats: TurnStats, calls: list[dict[str, Any]]
+        self,
+        turn: TurnRecord,
+        opts: TurnOptions,
+        stats: TurnStats,
+        calls: list[dict[str, Any]],
+        decision: bool | None = None,
     ) -> AsyncIterator[Event]:
-        """Run a turn's tool calls: independent ones concurrently, stopping before the
-        first that needs a person's approval."""
+        """Run a turn's tool calls one after another in the model's order, deciding each
+        just before it runs; stop before one that needs a person's approval. A resumed
+        turn passes the person's ``decision`` on its first call."""
         for call in calls:
             yield "tool_call", _call_event(call)
+        await self._propose(turn, calls)
         policy = self.tool_policy()
-        # Deciding what is destructive resolves paths: file system work, so not on the loop.
-        needed = await asyncio.to_thread(
-            lambda: [tools.approval_needed(policy, *_call_parts(call)) for call in calls]
-        )
-        asks = policy.approval == "ask"
-        first_asking = next((i for i, need in enumerate(needed) if need and asks), len(calls))
-        results = await asyncio.gather(
-            *(
-                self._execute(opts, stats, call, policy, approval=None, needed=need)
-                for call, need in zip(calls[:first_asking], needed, strict=False)
+        for index, call in enumerate(calls):
+            # Deciding what is destructive resolves paths: file system work, not on the loop.
+            needed = await asyncio.to_thread(tools.approval_needed, policy, *_call_parts(call))
+            approval = decision if index == 0 else None
+            if needed and approval is None and policy.approval == "ask":
+                yield self._pause_for_approval(turn, opts, stats, calls[index:])
+                return
+            yield await self._execute(turn, stats, call, policy, approval, needed)
+
+    async def _propose(self, turn: TurnRecord, calls: list[dict[str, Any]]) -> None:
+        """Audit rows for the calls not yet in the audit (a resumed turn's already are)."""
+        new = [call for call in calls if call.get("id", "") not in turn.open_calls]
+        records = [
+            AuditRecord(
+                conversation_id=turn.conversation_id,
+                tool_call_id=call.get("id", ""),
+                tool=_call_parts(call)[0],
+                arguments=_call_parts(call)[1],
+                status="pending",
+                approval="undecided",
             )
+            for call in new
+        ]
+        ids = await self.store.record_tool_calls(records) if records else []
+        turn.open_calls.update(
+            {call.get("id", ""): audit_id for call, audit_id in zip(new, ids, strict=True)}
         )
-        for event in results:
-            yield event
-        if first_asking < len(calls):
-            yield await self._pause_for_approval(opts, stats, calls[first_asking:])
 
     async def _execute(
         self,
-        opts: TurnOptions,
+        turn: TurnRecord,
         stats: TurnStats,
         call: dict[str, Any],
         policy: tools.ToolPolicy,
         approval: bool | None,
-        needed: bool = True,
+        needed: bool,
     ) -> Event:
-        """Run (or, when refused, answer for) one tool call and store its result."""
+        """Run (or, when refused, answer for) one tool call; its result joins the turn."""
         name, arguments = _call_parts(call)
+        audit_id = turn.open_calls[call.get("id", "")]
+        label = _approval_label(approval, needed, policy.approval)
         started = time.perf_counter()
         if approval is False:
+            del turn.open_calls[call.get("id", "")]
             result = {"status": "error", "error": "The user declined this operation."}
         else:
-            result = await asyncio.to_thread(
-                tools.execute_tool, policy, name, arguments, approved=bool(approval)
+            await self.store.update_tool_calls(
+                [AuditUpdate(id=audit_id, status="running", approval=label)]
             )
-        duration_ms = (time.perf_counter() - started) * 1000
-        await self.store.append_messages(
-            opts.conversation_id,
-            [
-                {
-                    "role": "tool",
-                    "tool_call_id": call.get("id", ""),
-                    "name": name,
-                    "content": tools.format_result_for_model(result),
-                }
-            ],
+            del turn.open_calls[call.get("id", "")]  # from here on, it has started
+            running = asyncio.get_running_loop().run_in_executor(
+                None, partial(tools.execute_tool, policy, name, arguments, approved=bool(approval))
+            )
+            try:
+                result = await asyncio.shield(running)
+            except asyncio.CancelledError:
+                # The call has started and cannot be taken back: its result is recorded.
+                result = await running
+                await self._record(turn, stats, call, audit_id, label, result, started)
+                raise
+        await self._record(turn, stats, call, audit_id, label, result, started)
+        return "tool_result", {"id": call.get("id", ""), "name": name, "result": result}
+
+    async def _record(
+        self,
+        turn: TurnRecord,
+        stats: TurnStats,
+        call: dict[str, Any],
+        audit_id: int,
+        label: str,
+        result: dict[str, Any],
+        started: float,
+    ) -> None:
+        name, arguments = _call_parts(call)
+        turn.add_output(
+            {
+                "role": "tool",
+                "tool_call_id": call.get("id", ""),
+                "name": name,
+                "content": tools.format_result_for_model(result),
+            }
         )
-        await self.store.record_tool_call(
-            AuditRecord(
-                conversation_id=opts.conversation_id,
-                tool=name,
-                arguments=arguments,
-                status=result.get("status", "error") if approval is not False else "refused",
-                duration_ms=duration_ms,
-                approval=_approval_label(approval, needed, policy.approval),
-                error=result.get("error"),
-            )
+        refused = label == "denied"
+        await self.store.update_tool_calls(
+            [
+                AuditUpdate(
+                    id=audit_id,
+                    status="refused" if refused else result.get("status", "error"),
+                    approval=label,  # type: ignore[arg-type]
+                    duration_ms=(time.perf_counter() - started) * 1000,
+                    error=result.get("error"),
+                )
+            ]
         )
         stats.tools_used.append(tools.describe_call(name, arguments))
         stats.tool_calls.append(
             {"id": call.get("id", ""), "name": name, "arguments": arguments, "result": result}
         )
-        return "tool_result", {"id": call.get("id", ""), "name": name, "result": result}
 
-    async def _pause_for_approval(
-        self, opts: TurnOptions, stats: TurnStats, remaining: list[dict[str, Any]]
+    def _pause_for_approval(
+        self, turn: TurnRecord, opts: TurnOptions, stats: TurnStats, remaining: list[dict]
     ) -> Event:
+        """The turn stops here; it is stored with the approval, to be resumed."""
         name, arguments = _call_parts(remaining[0])
-        pending = PendingApproval(
+        turn.pending = PendingApproval(
             approval_id=uuid.uuid4().hex[:12],
-            conversation_id=opts.conversation_id,
+            conversation_id=turn.conversation_id,
             tool_call_id=remaining[0].get("id", ""),
             tool=name,
             arguments=arguments if isinstance(arguments, dict) else {"raw": arguments},
             description=tools.describe_call(name, arguments),
+            audit_ids=[turn.open_calls.pop(call.get("id", "")) for call in remaining],
             state={"remaining": remaining, "stats": stats.__dict__, "options": opts.__dict__},
         )
-        await self.store.save_pending_approval(pending)
-        info = {
-            "approval_id": pending.approval_id,
-            "tool": name,
-            "arguments": arguments,
-            "description": pending.description,
-        }
         stats.content = ""
-        return "approval_required", info
+        return "approval_required", _pending_info(turn)
 
     async def resume(
-        self, pending: PendingApproval, approve: bool, stream: bool, budget: int
+        self, turn: TurnRecord, pending: PendingApproval, approve: bool, stream: bool, budget: int
     ) -> AsyncIterator[Event]:
-        """Continue a paused loop: the decided call, the rest of its turn, then the model."""
+        """Continue a paused loop: the decided call, the rest of its turn, then the model.
+        The approval is dropped with the turn's commit, so a resumption that fails before
+        the call runs leaves it pending."""
         opts = TurnOptions(**{**pending.state["options"], "stream": stream})
         stats = TurnStats(**pending.state["stats"])
         remaining: list[dict[str, Any]] = pending.state["remaining"]
-        # Deleting is the claim: of two concurrent decisions on one approval, one runs.
-        if not await self.store.delete_pending_approval(
-            pending.conversation_id, pending.approval_id
-        ):
-            raise ApprovalGone(f"approval {pending.approval_id!r} was already decided")
-        yield await self._execute(opts, stats, remaining[0], self.tool_policy(), approval=approve)
-        async for event in self.run(opts, stats, budget, calls=remaining[1:]):
+        turn.dropped_approvals.append(pending.approval_id)
+        turn.open_calls.update(
+            {c.get("id", ""): i for c, i in zip(remaining, pending.audit_ids, strict=True)}
+        )
+        async for event in self.run(turn, opts, stats, budget, remaining, decision=approve):
             yield event
 
 
@@ -505,6 +536,22 @@ def _call_parts(call: dict[str, Any]) -> tuple[str, dict[str, Any] | str]:
         except json.JSONDecodeError:
             pass  # left as a string: execute_tool answers with a readable error
     return str(function.get("name", "")), arguments
+
+
+def _for_model(message: Message) -> Message:
+    """A stored message as llama-server gets it: without the gateway's own marks."""
+    return {k: v for k, v in message.items() if k != "interrupted"}
+
+
+def _pending_info(turn: TurnRecord) -> dict[str, Any]:
+    pending = turn.pending
+    assert pending is not None
+    return {
+        "approval_id": pending.approval_id,
+        "tool": pending.tool,
+        "arguments": pending.arguments,
+        "description": pending.description,
+    }
 
 
 def _call_event(call: dict[str, Any]) -> dict[str, Any]:

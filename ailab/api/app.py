@@ -24,7 +24,8 @@ from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
 from ailab import exports
-from ailab.agent.engine import Event, TurnStats
+from ailab.agent.engine import TurnStats
+from ailab.agent.turn import Event, RunningTurn
 from ailab.api import security
 from ailab.api.schemas import (
     ApprovalRequest,
@@ -37,6 +38,7 @@ from ailab.api.schemas import (
     ConversationsResponse,
     ConversationSummaryOut,
     DownloadInfo,
+    GenerationOptions,
     HealthResponse,
     ModelsResponse,
     PublicHealthResponse,
@@ -45,12 +47,18 @@ from ailab.api.schemas import (
     SwitchResponse,
 )
 from ailab.commands import COMMANDS
-from ailab.config import GENERATION_DEFAULTS, ConfigError, Settings, load_settings
+from ailab.config import ConfigError, Settings, load_settings
 from ailab.errors import AilabError, described, json_body, sse_event
 from ailab.gateway import Gateway
+from ailab.storage import StorageError
 from ailab.upstream import binaries, proxy
 
 log = logging.getLogger("ailab.server")
+
+# On SIGTERM (or /shutdown) running requests get this long to finish; then they are
+# cancelled, and a turn cut short is stored as interrupted, so a long generation cannot
+# hold the shutdown up.
+SHUTDOWN_GRACE_S = 5
 
 
 def create_app(settings: Settings, binary: Path) -> FastAPI:
@@ -162,50 +170,39 @@ def _add_status_routes(app: FastAPI, gw: Gateway) -> None:
 def _add_chat_routes(app: FastAPI, gw: Gateway) -> None:
     @app.post("/chat", response_model=ChatResponse)
     async def chat(request: ChatRequest) -> Response:
-        max_tokens = request.max_tokens or GENERATION_DEFAULTS["max_tokens"]
-        budget = gw.token_budget(max_tokens)
-
-        async def events() -> AsyncIterator[Event]:
-            async with gw.generation(), gw.conversation_locks.hold(request.conversation_id):
-                opts = await gw.prepare_turn(request)
-                if opts is None:
-                    yield "done", {**TurnStats().summary(), "response": ""}
-                    return
-                async for event in gw.engine.run(opts, TurnStats(), budget):
-                    yield event
-
-        return await _respond(gw, events(), request.conversation_id, request.stream)
+        if not request.messages:
+            await gw.reset_conversation(request.conversation_id)
+            return _reset_response(gw, request.conversation_id, request.stream)
+        turn = await gw.start_chat(request)
+        return await _respond(gw, turn, request.conversation_id, request.stream)
 
     @app.post("/chat/approve", response_model=ChatResponse)
     async def approve(request: ApprovalRequest) -> Response:
-        pending = await gw.store.get_pending_approval(request.conversation_id, request.approval_id)
-        if pending is None:
-            raise HTTPException(
-                404,
-                f"no pending approval {request.approval_id!r} in conversation "
-                f"{request.conversation_id!r} (already decided, or never asked)",
-            )
-        max_tokens = int(pending.state["options"]["sampling"]["max_tokens"])
-        budget = gw.token_budget(max_tokens)
+        turn = await gw.start_approval(request)
+        return await _respond(gw, turn, request.conversation_id, request.stream)
 
-        async def events() -> AsyncIterator[Event]:
-            async with gw.generation(), gw.conversation_locks.hold(request.conversation_id):
-                async for event in gw.engine.resume(
-                    pending, request.approve, request.stream, budget
-                ):
-                    yield event
-
-        return await _respond(gw, events(), request.conversation_id, request.stream)
+    @app.post("/conversations/{conversation_id}/regenerate", response_model=ChatResponse)
+    async def regenerate(conversation_id: str, request: GenerationOptions) -> Response:
+        turn = await gw.start_regeneration(conversation_id, request)
+        return await _respond(gw, turn, conversation_id, request.stream)
 
 
-async def _respond(
-    gw: Gateway, events: AsyncIterator[Event], conversation_id: str, stream: bool
-) -> Response:
-    # The model that served the turn is known only at its end (a switch may run between).
+def _reset_response(gw: Gateway, conversation_id: str, stream: bool) -> Response:
+    body = ChatResponse(
+        **{**TurnStats().summary(), "response": ""}, **gw.chat_extras(conversation_id)
+    ).model_dump()
     if stream:
-        return EventSourceResponse(_sse(gw, events, conversation_id), ping=15)
+        return EventSourceResponse(iter([{"event": "done", "data": json.dumps(body)}]))
+    return JSONResponse(body)
+
+
+async def _respond(gw: Gateway, turn: RunningTurn, conversation_id: str, stream: bool) -> Response:
+    """The turn was admitted: stream its events, or collect them into one response. The
+    model that served it is named at its end (a switch may run meanwhile)."""
+    if stream:
+        return EventSourceResponse(_sse(gw, turn.events(), conversation_id), ping=15)
     final: dict[str, Any] = {}
-    async for name, data in events:
+    async for name, data in turn.events():
         if name == "done":
             final = data
     return JSONResponse(ChatResponse(**final, **gw.chat_extras(conversation_id)).model_dump())
@@ -215,13 +212,15 @@ async def _sse(
     gw: Gateway, events: AsyncIterator[Event], conversation_id: str
 ) -> AsyncIterator[dict]:
     """Events as SSE; a failure mid-stream becomes an `error` event and a clean close.
-    A client that disconnects cancels this generator, which closes the upstream stream."""
+    A client that disconnects cancels this generator, which stops the turn."""
     try:
         async for name, data in events:
             if name == "done":
                 data = ChatResponse(**data, **gw.chat_extras(conversation_id)).model_dump()
             yield {"event": name, "data": json.dumps(data)}
-    except (AilabError, httpx.HTTPError) as exc:
+    except Exception as exc:  # the 200 is sent; the reason must still reach the client
+        if not isinstance(exc, AilabError | httpx.HTTPError):
+            log.exception("turn failed")
         yield sse_event(described(exc))
 
 
@@ -238,22 +237,27 @@ def _add_conversation_routes(app: FastAPI, gw: Gateway) -> None:
 
     @app.get("/conversations/export")
     async def export_all(
-        format: str = Query("jsonl", pattern="^(jsonl|json|text)$"), tools: bool = True
+        format: str = Query("jsonl", pattern="^(jsonl|json|text)$"),
+        tools: bool = True,
+        interrupted: bool = False,
     ) -> Response:
         ids = [s.id for s in await gw.store.list_conversations()]
-        conversations = {cid: await gw.store.get_messages(cid) for cid in ids}
-        return _export_response(conversations, format, tools, gw.system_prompt)
+        return await _export_response(gw, ids, format, tools, interrupted)
 
     @app.get("/conversations/{conversation_id}", response_model=ConversationResponse)
     async def get_conversation(conversation_id: str) -> ConversationResponse:
-        if not await gw.store.conversation_exists(conversation_id):
+        stored = await gw.store.load_conversation(conversation_id)
+        if not stored.exists:
             raise HTTPException(404, f"no conversation {conversation_id!r}")
-        messages = await gw.store.get_messages(conversation_id)
-        return ConversationResponse(id=conversation_id, messages=messages)
+        return ConversationResponse(
+            id=conversation_id,
+            messages=stored.messages,
+            system_prompt=stored.used_system_prompt,
+        )
 
     @app.delete("/conversations/{conversation_id}", response_model=StatusResponse)
     async def delete_conversation(conversation_id: str) -> StatusResponse:
-        if not await gw.store.delete_conversation(conversation_id):
+        if not await gw.delete_conversation(conversation_id):
             raise HTTPException(404, f"no conversation {conversation_id!r}")
         return StatusResponse(status="ok")
 
@@ -262,17 +266,26 @@ def _add_conversation_routes(app: FastAPI, gw: Gateway) -> None:
         conversation_id: str,
         format: str = Query("jsonl", pattern="^(jsonl|json|text)$"),
         tools: bool = True,
+        interrupted: bool = False,
     ) -> Response:
         if not await gw.store.conversation_exists(conversation_id):
             raise HTTPException(404, f"no conversation {conversation_id!r}")
-        messages = await gw.store.get_messages(conversation_id)
-        return _export_response({conversation_id: messages}, format, tools, gw.system_prompt)
+        return await _export_response(gw, [conversation_id], format, tools, interrupted)
 
 
-def _export_response(
-    conversations: dict[str, list[dict[str, Any]]], fmt: str, tools: bool, system_prompt: str
+async def _export_response(
+    gw: Gateway, ids: list[str], fmt: str, tools: bool, interrupted: bool
 ) -> Response:
-    body = exports.export_conversations(fmt, conversations, system_prompt, tools)
+    """Each conversation with the system prompt it was generated with (the default for
+    conversations stored before prompts were kept)."""
+    conversations, prompts = {}, {}
+    for cid in ids:
+        stored = await gw.store.load_conversation(cid)
+        conversations[cid] = stored.messages
+        prompts[cid] = stored.used_system_prompt or gw.system_prompt
+    body = exports.export_conversations(
+        fmt, conversations, prompts, tools, include_interrupted=interrupted
+    )
     media = "application/json" if fmt == "json" else "text/plain"
     return PlainTextResponse(body, media_type=media)
 
@@ -284,7 +297,7 @@ def _add_openai_routes(app: FastAPI, gw: Gateway) -> None:
     async def forward(request: Request, path: str) -> Response:
         body = await request.body()
         wants_stream = False
-        if body:
+        if request.method == "POST":
             try:
                 wants_stream = bool(json.loads(body).get("stream"))
             except (ValueError, AttributeError):
@@ -361,8 +374,18 @@ def main() -> None:
     except ConfigError as exc:
         print(f"ai_server: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    app = create_app(settings, binary)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    try:
+        app = create_app(settings, binary)
+    except StorageError as exc:
+        print(f"ai_server: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+    )
 
 
 if __name__ == "__main__":

@@ -30,12 +30,12 @@ class NamedToolChoice(BaseModel):
 ToolChoice = Literal["auto", "none", "required"] | NamedToolChoice
 
 
-class ChatRequest(BaseModel):
-    messages: list[ChatMessage] = Field(
-        ..., description="New messages (or the whole history); an empty list resets."
+class GenerationOptions(BaseModel):
+    """How to generate an answer: /chat's options, and all of regenerate's body."""
+
+    system_prompt: str | None = Field(
+        None, description="The conversation's own system prompt from this turn on."
     )
-    conversation_id: str = Field("default", min_length=1, max_length=200)
-    system_prompt: str | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     max_tokens: int | None = Field(None, ge=1)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -44,6 +44,13 @@ class ChatRequest(BaseModel):
     enable_tools: bool = False
     stream: bool = False
     tool_choice: ToolChoice = "auto"
+
+
+class ChatRequest(GenerationOptions):
+    messages: list[ChatMessage] = Field(
+        ..., description="New messages (or the whole history); an empty list resets."
+    )
+    conversation_id: str = Field("default", min_length=1, max_length=200)
 
     @field_validator("conversation_id")
     @classmethod
@@ -187,6 +194,9 @@ class ConversationsResponse(BaseModel):
 class ConversationResponse(BaseModel):
     id: str
     messages: list[dict[str, Any]]
+    system_prompt: str | None = Field(
+        None, description="The system prompt the latest turn was generated with."
+    )
 
 
 class AuditResponse(BaseModel):

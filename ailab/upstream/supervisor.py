@@ -92,6 +92,12 @@ class LlamaStartError(AilabError):
     """llama-server could not be brought up; the message says why and what to do."""
 
 
+class DownloadFailed(LlamaStartError):
+    """A model's download failed; the message says why."""
+
+    status = 502
+
+
 def _port_owner(port: int) -> str | None:
     """Describe the process listening on a local port, or None if the port is free."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -296,8 +302,21 @@ class LlamaServerManager:
                 self._set_state(ManagerState.STARTING)
                 self._fail(f"model file {source.path} does not exist")
             return source.path
-        assert source.hf_repo is not None
         self._set_state(ManagerState.DOWNLOADING, f"downloading {source.hf_repo}")
+        try:
+            return await self._download(source)
+        except DownloadFailed as exc:
+            self._fail(str(exc))
+            raise  # _fail raised already; this line only tells type checkers
+
+    async def download_ahead(self, source: ModelSource) -> ModelSource:
+        """Download a Hugging Face model while the running one keeps serving (progress in
+        ``download``); the source returned loads from the downloaded file."""
+        path = await self._download(source)
+        return source.model_copy(update={"kind": "local", "path": path})
+
+    async def _download(self, source: ModelSource) -> Path:
+        assert source.hf_repo is not None
 
         def on_progress(progress: hf_download.DownloadProgress) -> None:
             self.download = progress
@@ -312,8 +331,9 @@ class LlamaServerManager:
                 endpoint=self.settings.hf_endpoint,
             )
         except (hf_download.DownloadError, ValueError, RuntimeError) as exc:
-            self._fail(f"download of {source.hf_repo} failed: {exc}")
-        self.download = None
+            raise DownloadFailed(f"download of {source.hf_repo} failed: {exc}") from exc
+        finally:
+            self.download = None
         return path
 
     def _command(self, path: Path, source: ModelSource) -> list[str]:
