@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ailab.mcp import config as mcp_config
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 # A checkout keeps models/ and data/ beside the package; an installed wheel works in the
 # directory it is started from.
@@ -126,6 +128,8 @@ class Settings(BaseModel):
     net_allow_private: bool = False
     extra_models_file: Path | None = None
     hf_endpoint: str | None = None
+    mcp_config_file: Path | None = None
+    mcp_call_timeout_s: float = Field(60.0, gt=0)
 
     @property
     def custom_models_dir(self) -> Path:
@@ -179,6 +183,8 @@ ENV_FIELDS: dict[str, str] = {
     "AILAB_NET_ALLOW_PRIVATE": "net_allow_private",
     "AILAB_EXTRA_MODELS": "extra_models_file",
     "HF_ENDPOINT": "hf_endpoint",
+    "AILAB_MCP_CONFIG": "mcp_config_file",
+    "AILAB_MCP_TIMEOUT": "mcp_call_timeout_s",
 }
 FIELD_ENV = {field: env for env, field in ENV_FIELDS.items()}
 
@@ -226,6 +232,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             f"AILAB_DEFAULT_MODEL={settings.default_model!r} is not a known model; "
             f"known: {', '.join(sorted(get_all_models(settings)))}"
         )
+    if settings.mcp_config_file is not None:
+        try:
+            mcp_config.load_servers(settings.mcp_config_file)
+        except mcp_config.McpConfigError as exc:
+            raise ConfigError(f"AILAB_MCP_CONFIG: {exc}") from None
     return settings
 
 

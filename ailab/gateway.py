@@ -19,6 +19,7 @@ from ailab.agent.engine import ChatEngine, TurnOptions
 from ailab.api.schemas import ChatRequest, ModelInfo
 from ailab.config import GENERATION_DEFAULTS, ModelSource, Settings
 from ailab.errors import AilabError, BadRequest, NotFound
+from ailab.mcp.client import McpHub
 from ailab.storage import AsyncStore, merge_messages
 from ailab.upstream import proxy
 from ailab.upstream.admission import GenerationGate, KeyedLocks
@@ -49,12 +50,14 @@ class Gateway:
         self.conversation_locks = KeyedLocks()
         # Shares nothing until start() applies the settings; /roots replaces it.
         self.tool_policy = tools.ToolPolicy()
+        self.mcp = McpHub(settings.mcp_config_file, settings.log_dir, settings.mcp_call_timeout_s)
         self.engine = ChatEngine(
             self.http,
             self.store,
             settings.llama_base_url,
             settings.max_tool_iterations,
             lambda: self.tool_policy,
+            self.mcp,
         )
         self.system_prompt = config.DEFAULT_SYSTEM_PROMPT
         self.tools_enabled = True
@@ -63,6 +66,7 @@ class Gateway:
     # --- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.mcp.start()  # the servers connect while llama-server loads
         self.tool_policy = await asyncio.to_thread(tools.ToolPolicy.from_settings, self.settings)
         self.system_prompt = await self.store.get_setting("system_prompt", self.system_prompt)
         self.tools_enabled = bool(await self.store.get_setting("tools_enabled", True))
@@ -78,8 +82,10 @@ class Gateway:
         except LlamaStartError as exc:
             # Stay up: /health shows the reason and a switch to another model can fix it.
             log.error("could not start llama-server: %s", exc)
+        await self.mcp.wait_started()
 
     async def close(self) -> None:
+        await self.mcp.close()
         await self.manager.close()
         await self.http.aclose()
         await self.store.close()

@@ -76,6 +76,10 @@ MIGRATIONS: tuple[str, ...] = (
         payload TEXT NOT NULL
     );
     """,
+    """
+    ALTER TABLE tool_audit ADD COLUMN server TEXT;
+    ALTER TABLE tool_audit ADD COLUMN result_chars INTEGER;
+    """,
 )
 
 
@@ -108,12 +112,14 @@ class AuditRecord(BaseModel):
     timestamp: UtcDatetime = Field(default_factory=utc_now)
     conversation_id: str | None = None
     tool: str
+    server: str | None = None  # the MCP server a tool came from; None for a built-in
     # A string when the model produced arguments that are not a JSON object.
     arguments: dict[str, Any] | str
     status: Literal["success", "error", "refused", "pending"]
     duration_ms: float = 0.0
     approval: Literal["not_needed", "approved", "denied", "auto", "policy_denied"]
     error: str | None = None
+    result_chars: int | None = None  # the whole result's length, before the model's cap
 
 
 class PendingApproval(BaseModel):
@@ -306,7 +312,8 @@ class Store:
         with self._transaction() as conn:
             cursor = conn.execute(
                 "INSERT INTO tool_audit (timestamp, conversation_id, tool, arguments, status, "
-                "duration_ms, approval, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "duration_ms, approval, error, server, result_chars) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     _iso(record.timestamp),
                     record.conversation_id,
@@ -316,6 +323,8 @@ class Store:
                     record.duration_ms,
                     record.approval,
                     record.error,
+                    record.server,
+                    record.result_chars,
                 ),
             )
         return int(cursor.lastrowid or 0)

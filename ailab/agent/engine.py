@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -31,6 +31,22 @@ FORCED_CALL_TOKENS = 256
 
 class ApprovalGone(NotFound):
     """The approval was decided (or dropped with its conversation) meanwhile."""
+
+
+class ExtraTools(Protocol):
+    """Tools from outside the built-in catalogue (MCP servers'), offered next to them."""
+
+    def schemas(self) -> list[dict[str, Any]]: ...
+
+    def owns(self, name: str) -> bool: ...
+
+    def origin(self, name: str) -> tuple[str | None, str]: ...
+
+    def approval(self, name: str, policy_mode: str) -> tuple[bool, str]: ...
+
+    async def call(
+        self, name: str, arguments: dict[str, Any] | str, policy_mode: str, approved: bool
+    ) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -111,12 +127,14 @@ class ChatEngine:
         llama_url: str,
         max_iterations: int,
         tool_policy: Callable[[], tools.ToolPolicy],
+        extra_tools: ExtraTools | None = None,
     ) -> None:
         self.http = http
         self.store = store
         self.llama_url = llama_url
         self.max_iterations = max_iterations
         self.tool_policy = tool_policy  # the gateway's current one, read per batch of calls
+        self.extra_tools = extra_tools
         self.counter = TokenCounter(self._tokenize)
         self._background: set[asyncio.Task[None]] = set()
 
@@ -187,7 +205,11 @@ class ChatEngine:
     def _prompt_parts(self, opts: TurnOptions) -> tuple[str, list[dict[str, Any]] | None]:
         if not opts.tools_enabled or opts.tool_choice == "none":
             return opts.system_prompt, None
-        return opts.system_prompt, tools.get_available_tools()
+        return opts.system_prompt, self._tool_schemas()
+
+    def _tool_schemas(self) -> list[dict[str, Any]]:
+        extra = self.extra_tools.schemas() if self.extra_tools else []
+        return [*tools.get_available_tools(), *extra]
 
     # --- one model call --------------------------------------------------------------
 
@@ -240,7 +262,7 @@ class ChatEngine:
         llama-server rejects a named tool_choice and does not enforce "required" with every
         chat template, so the model is asked for JSON under a schema that admits only what
         the choice allows, and the tool call is made from that."""
-        available = {t["function"]["name"]: t["function"] for t in tools.get_available_tools()}
+        available = {t["function"]["name"]: t["function"] for t in self._tool_schemas()}
         name = opts.named_tool
         if name is not None and name not in available:
             raise proxy.UpstreamError(f"tool_choice names an unknown tool {name!r}", 400)
@@ -307,15 +329,16 @@ class ChatEngine:
             yield "tool_call", _call_event(call)
         policy = self.tool_policy()
         # Deciding what is destructive resolves paths: file system work, so not on the loop.
-        needed = await asyncio.to_thread(
-            lambda: [tools.approval_needed(policy, *_call_parts(call)) for call in calls]
+        decisions = await asyncio.to_thread(
+            lambda: [self._approval(policy, call) for call in calls]
         )
-        asks = policy.approval == "ask"
-        first_asking = next((i for i, need in enumerate(needed) if need and asks), len(calls))
+        first_asking = next(
+            (i for i, (need, mode) in enumerate(decisions) if need and mode == "ask"), len(calls)
+        )
         results = await asyncio.gather(
             *(
-                self._execute(opts, stats, call, policy, approval=None, needed=need)
-                for call, need in zip(calls[:first_asking], needed, strict=False)
+                self._execute(opts, stats, call, policy, approval=None, decision=decision)
+                for call, decision in zip(calls[:first_asking], decisions, strict=False)
             )
         )
         for event in results:
@@ -330,7 +353,7 @@ class ChatEngine:
         call: dict[str, Any],
         policy: tools.ToolPolicy,
         approval: bool | None,
-        needed: bool = True,
+        decision: tuple[bool, str] | None = None,
     ) -> Event:
         """Run (or, when refused, answer for) one tool call and store its result."""
         name, arguments = _call_parts(call)
@@ -338,10 +361,10 @@ class ChatEngine:
         if approval is False:
             result = {"status": "error", "error": "The user declined this operation."}
         else:
-            result = await asyncio.to_thread(
-                tools.execute_tool, policy, name, arguments, approved=bool(approval)
-            )
+            result = await self._run_tool(policy, name, arguments, bool(approval))
         duration_ms = (time.perf_counter() - started) * 1000
+        extra = self._extra(name)
+        server, tool_name = extra.origin(name) if extra else (None, name)
         await self.store.append_messages(
             opts.conversation_id,
             [
@@ -356,12 +379,14 @@ class ChatEngine:
         await self.store.record_tool_call(
             AuditRecord(
                 conversation_id=opts.conversation_id,
-                tool=name,
+                tool=tool_name,
+                server=server,
                 arguments=arguments,
                 status=result.get("status", "error") if approval is not False else "refused",
                 duration_ms=duration_ms,
-                approval=_approval_label(approval, needed, policy.approval),
+                approval=_approval_label(approval, *(decision or (True, policy.approval))),
                 error=result.get("error"),
+                result_chars=len(json.dumps(result, ensure_ascii=False, default=str)),
             )
         )
         stats.tools_used.append(tools.describe_call(name, arguments))
@@ -369,6 +394,33 @@ class ChatEngine:
             {"id": call.get("id", ""), "name": name, "arguments": arguments, "result": result}
         )
         return "tool_result", {"id": call.get("id", ""), "name": name, "result": result}
+
+    def _extra(self, name: str) -> ExtraTools | None:
+        """The extra tools that own this name, if any does."""
+        owns = self.extra_tools is not None and self.extra_tools.owns(name)
+        return self.extra_tools if owns else None
+
+    def _approval(self, policy: tools.ToolPolicy, call: dict[str, Any]) -> tuple[bool, str]:
+        """(whether the call needs a person's approval, the approval mode for it)."""
+        name, arguments = _call_parts(call)
+        extra = self._extra(name)
+        if extra is not None:
+            return extra.approval(name, policy.approval)
+        return tools.approval_needed(policy, name, arguments), policy.approval
+
+    async def _run_tool(
+        self,
+        policy: tools.ToolPolicy,
+        name: str,
+        arguments: dict[str, Any] | str,
+        approved: bool,
+    ) -> dict[str, Any]:
+        extra = self._extra(name)
+        if extra is not None:
+            return await extra.call(name, arguments, policy.approval, approved)
+        return await asyncio.to_thread(
+            tools.execute_tool, policy, name, arguments, approved=approved
+        )
 
     async def _pause_for_approval(
         self, opts: TurnOptions, stats: TurnStats, remaining: list[dict[str, Any]]
