@@ -46,6 +46,7 @@ from ailab.commands import COMMANDS
 from ailab.config import GENERATION_DEFAULTS, ConfigError, Settings, load_settings
 from ailab.errors import AilabError, described, json_body, sse_event
 from ailab.gateway import Gateway
+from ailab.mcp import server as mcp_server
 from ailab.upstream import binaries, proxy
 
 log = logging.getLogger("ailab.server")
@@ -69,6 +70,7 @@ def create_app(settings: Settings, binary: Path) -> FastAPI:
     _add_chat_routes(app, gateway)
     _add_conversation_routes(app, gateway)
     _add_openai_routes(app, gateway)
+    mcp_server.mount(app, gateway)
     return app
 
 
