@@ -75,12 +75,18 @@ class McpConnection:
     """One server: its session task, its state and the tools it offers right now."""
 
     def __init__(
-        self, name: str, config: McpServerConfig, log_dir: Path, call_timeout_s: float
+        self,
+        name: str,
+        config: McpServerConfig,
+        log_dir: Path,
+        call_timeout_s: float,
+        answer_timeout_s: float,
     ) -> None:
         self.name = name
         self.config = config
         self.log_dir = log_dir
         self.call_timeout_s = call_timeout_s
+        self.answer_timeout_s = answer_timeout_s
         self.state: State = "disabled" if config.disabled else "starting"
         self.error: str | None = None
         self.restarts = 0
@@ -112,6 +118,8 @@ class McpConnection:
                 await self._serve()
             except Exception as exc:  # the gateway outlives any server failure
                 self.error = _reason(exc)
+                if isinstance(exc, OSError):  # the command could not be started
+                    self.error += f" (command {self.config.command!r})"
                 log.warning("MCP server %s: %s", self.name, self.error)
             was_ready = self.state == "ready"
             self._withdraw()
@@ -127,7 +135,7 @@ class McpConnection:
         async with AsyncExitStack() as stack:
             client = Client(
                 await self._transport(stack),
-                read_timeout_seconds=ANSWER_TIMEOUT_S,
+                read_timeout_seconds=self.answer_timeout_s,
                 client_info=CLIENT_INFO,
             )
             await stack.enter_async_context(client)
@@ -152,7 +160,7 @@ class McpConnection:
             return stdio_client(params, errlog=errlog)
         assert config.url is not None
         # Reads wait long: the server may hold its event stream open between messages.
-        timeout = httpx2.Timeout(ANSWER_TIMEOUT_S, read=STREAM_READ_TIMEOUT_S)
+        timeout = httpx2.Timeout(self.answer_timeout_s, read=STREAM_READ_TIMEOUT_S)
         http = httpx2.AsyncClient(headers=config.headers, timeout=timeout)
         stack.push_async_callback(http.aclose)
         return streamable_http_client(config.url, http_client=http)
@@ -266,10 +274,17 @@ def _block_text(block: mcp_types.ContentBlock) -> str:
 class McpHub:
     """Every configured server, and the engine's view of their tools."""
 
-    def __init__(self, config_file: Path | None, log_dir: Path, call_timeout_s: float) -> None:
+    def __init__(
+        self,
+        config_file: Path | None,
+        log_dir: Path,
+        call_timeout_s: float,
+        answer_timeout_s: float = ANSWER_TIMEOUT_S,
+    ) -> None:
         self.config_file = config_file
         self.log_dir = log_dir
         self.call_timeout_s = call_timeout_s
+        self.answer_timeout_s = answer_timeout_s
         self.connections: dict[str, McpConnection] = {}
         self.error: str | None = None  # why the file could not be used, if it could not
 
@@ -288,7 +303,9 @@ class McpHub:
     def _start(self, servers: dict[str, McpServerConfig]) -> None:
         self.error = None
         self.connections = {
-            name: McpConnection(name, config, self.log_dir, self.call_timeout_s)
+            name: McpConnection(
+                name, config, self.log_dir, self.call_timeout_s, self.answer_timeout_s
+            )
             for name, config in servers.items()
         }
         for connection in self.connections.values():
