@@ -138,6 +138,12 @@ def test_the_chat_tool_asks_the_loaded_model_over_http_and_over_stdio(
         assert result.structured_content["answer"].strip()
         assert 0 < result.structured_content["tokens_generated"] <= 8
 
+    question["model"] = "no-such-model"
+    for server in (f"{gateway.url}/mcp", stdio):
+        refused = with_client(server, ask)
+        assert refused.is_error
+        assert "unknown model 'no-such-model'" in text_of(refused)
+
 
 def test_chat_over_stdio_without_a_gateway_is_a_tool_error_naming_the_fix(
     tmp_path: Path,

@@ -221,9 +221,16 @@ def http_chat(base_url: str) -> ChatBackend:
 
 
 def _raise_for_status(response: httpx.Response) -> None:
-    if response.status_code >= 400:
-        detail = proxy.error_message(response)
-        raise ToolError(f"the gateway answered {response.status_code}: {detail}")
+    """A gateway error ({"detail"}) or llama-server's, passed through /v1, as a ToolError."""
+    if response.status_code < 400:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    detail = body.get("detail") if isinstance(body, dict) else None
+    message = detail or proxy.error_message(response)
+    raise ToolError(f"the gateway answered {response.status_code}: {message}")
 
 
 def main() -> None:
