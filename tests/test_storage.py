@@ -260,6 +260,8 @@ def test_audit_round_trips_every_field(store: Store) -> None:
         error="outside tool roots",
         duration_ms=0.25,
         timestamp=when,
+        server="fs",
+        result_chars=42,
     )
     record_id = store.record_tool_call(record)
     (stored,) = store.list_tool_audit()
