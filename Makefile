@@ -5,9 +5,9 @@ PY := $(VENV)/bin/python
 # The build script prints the cached binary's path (building it once if needed).
 LLAMA := $${LLAMA_SERVER_PATH:-$$($(PY) scripts/build_llama_server.py)}
 
-.PHONY: setup run test fuzz lint format bench models llama-server clean-data
+.PHONY: setup run test fuzz lint format bench models llama-server mcp-servers clean-data
 
-setup: $(VENV)/.installed models llama-server
+setup: $(VENV)/.installed models llama-server mcp-servers
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ models: $(VENV)/.installed
 
 llama-server: $(VENV)/.installed
 	@$(PY) scripts/build_llama_server.py
+
+# Real MCP servers from npm for the tests, exactly as pinned in the committed lock file.
+MCP_SERVERS := tests/mcp_servers
+mcp-servers: $(MCP_SERVERS)/node_modules/.package-lock.json
+
+$(MCP_SERVERS)/node_modules/.package-lock.json: $(MCP_SERVERS)/package.json $(MCP_SERVERS)/package-lock.json
+	npm ci --prefix $(MCP_SERVERS) --no-audit --no-fund
 
 run: setup
 	LLAMA_SERVER_PATH="$(LLAMA)" $(PY) ai_server.py

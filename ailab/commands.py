@@ -24,6 +24,7 @@ from ailab.bench import model_speed as model_bench
 from ailab.config import Settings
 from ailab.errors import BadRequest
 from ailab.gateway import Gateway
+from ailab.mcp.config import McpConfigError
 from ailab.storage import AuditRecord
 
 log = logging.getLogger("ailab.commands")
@@ -242,6 +243,31 @@ async def bench_command(gw: Gateway, value: str | None, _: str) -> CommandResult
     return table, [r.model_dump(mode="json") for r in results]
 
 
+async def mcp_command(gw: Gateway, value: str | None, _: str) -> CommandResult:
+    """The MCP servers with their state and tools; ``reload`` re-reads AILAB_MCP_CONFIG."""
+    if value is not None:
+        if value.strip().lower() != "reload":
+            raise CommandError(f"mcp takes no value or 'reload', got {value!r}")
+        try:
+            await gw.mcp.reload()
+        except McpConfigError as exc:
+            raise CommandError(f"AILAB_MCP_CONFIG: {exc}; the running servers were kept") from None
+    servers = gw.mcp.describe()
+    lines = [
+        f"{s['name']} ({s['transport']}): {s['state']}"
+        + (f" after {s['restarts']} restarts" if s["restarts"] else "")
+        + (f", {s['error']}" if s["error"] and s["state"] != "ready" else "")
+        + f"; tools: {', '.join(s['tools']) or 'none'}"
+        for s in servers
+    ]
+    if gw.mcp.error:
+        lines.insert(0, f"AILAB_MCP_CONFIG could not be used: {gw.mcp.error}")
+    return "\n".join(lines) or "No MCP servers (set AILAB_MCP_CONFIG to a mcpServers file)", {
+        "servers": servers,
+        "error": gw.mcp.error,
+    }
+
+
 COMMANDS: dict[str, Handler] = {
     "system": system_command,
     "layers": layers_command,
@@ -253,4 +279,5 @@ COMMANDS: dict[str, Handler] = {
     "model": model_command,
     "roots": roots_command,
     "bench": bench_command,
+    "mcp": mcp_command,
 }

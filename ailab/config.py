@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ailab.mcp import config as mcp_config
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 # A checkout keeps models/ and data/ beside the package; an installed wheel works in the
 # directory it is started from.
@@ -136,6 +138,8 @@ class Settings(BaseModel):
     # SHA-256 hex digests only: a key itself is never kept, so it cannot leak in a repr.
     api_key_sha256: tuple[str, ...] = ()
     allow_no_auth: bool = False
+    mcp_config_file: Path | None = None
+    mcp_call_timeout_s: float = Field(60.0, gt=0)
 
     @property
     def custom_models_dir(self) -> Path:
@@ -192,6 +196,8 @@ ENV_FIELDS: dict[str, str] = {
     "AILAB_ALLOWED_HOSTS": "allowed_hosts",
     "AILAB_CORS_ORIGINS": "cors_origins",
     "AILAB_ALLOW_NO_AUTH": "allow_no_auth",
+    "AILAB_MCP_CONFIG": "mcp_config_file",
+    "AILAB_MCP_TIMEOUT": "mcp_call_timeout_s",
 }
 BOOLEAN_FIELDS = {"net_allow_private", "allow_no_auth"}
 MIN_KEY_CHARS = 16
@@ -349,6 +355,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             f"known: {', '.join(sorted(get_all_models(settings)))}"
         )
     _check_exposure(settings)
+    if settings.mcp_config_file is not None:
+        try:
+            mcp_config.load_servers(settings.mcp_config_file)
+        except mcp_config.McpConfigError as exc:
+            raise ConfigError(f"AILAB_MCP_CONFIG: {exc}") from None
     return settings
 
 

@@ -29,6 +29,7 @@ from ailab.agent.turn import (
 from ailab.api.schemas import ApprovalRequest, ChatRequest, GenerationOptions, ModelInfo
 from ailab.config import GENERATION_DEFAULTS, ModelSource, Settings
 from ailab.errors import AilabError, BadRequest, NotFound
+from ailab.mcp.client import McpHub
 from ailab.storage import AsyncStore, StoredConversation, merge_messages
 from ailab.upstream import proxy
 from ailab.upstream.admission import GenerationGate, KeyedLocks
@@ -69,12 +70,14 @@ class Gateway:
         self.turns: dict[str, RunningTurn] = {}  # the running turn of each conversation
         # Shares nothing until start() applies the settings; /roots replaces it.
         self.tool_policy = tools.ToolPolicy()
+        self.mcp = McpHub(settings.mcp_config_file, settings.log_dir, settings.mcp_call_timeout_s)
         self.engine = ChatEngine(
             self.http,
             self.store,
             settings.llama_base_url,
             settings.max_tool_iterations,
             lambda: self.tool_policy,
+            self.mcp,
         )
         self.system_prompt = config.DEFAULT_SYSTEM_PROMPT
         self.tools_enabled = True
@@ -84,6 +87,7 @@ class Gateway:
     # --- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.mcp.start()  # the servers connect while llama-server loads
         self.tool_policy = await asyncio.to_thread(tools.ToolPolicy.from_settings, self.settings)
         self.system_prompt = await self.store.get_setting("system_prompt", self.system_prompt)
         self.tools_enabled = bool(await self.store.get_setting("tools_enabled", True))
@@ -106,6 +110,7 @@ class Gateway:
         except LlamaStartError as exc:
             # Stay up: /health shows the reason and a switch to another model can fix it.
             log.error("could not start llama-server: %s", exc)
+        await self.mcp.wait_started()
 
     async def close(self) -> None:
         if self._first_load is not None:
@@ -115,6 +120,7 @@ class Gateway:
         for turn in running:
             turn.stop("the gateway is shutting down")
         await asyncio.gather(*(turn.task for turn in running), return_exceptions=True)
+        await self.mcp.close()
         await self.manager.close()
         await self.http.aclose()
         await self.store.close()
@@ -354,10 +360,10 @@ class Gateway:
             stream=request.stream,
         )
         named = opts.named_tool
-        if opts.tools_enabled and named is not None and named not in tools.tool_names():
+        known = [*tools.tool_names(), *(s["function"]["name"] for s in self.mcp.schemas())]
+        if opts.tools_enabled and named is not None and named not in known:
             raise BadRequest(
-                f"tool_choice names an unknown tool {named!r}; "
-                f"tools: {', '.join(tools.tool_names())}"
+                f"tool_choice names an unknown tool {named!r}; tools: {', '.join(known)}"
             )
         return opts
 

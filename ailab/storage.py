@@ -83,6 +83,10 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE conversations ADD COLUMN used_system_prompt TEXT;
     ALTER TABLE tool_audit ADD COLUMN tool_call_id TEXT;
     """,
+    """
+    ALTER TABLE tool_audit ADD COLUMN server TEXT;
+    ALTER TABLE tool_audit ADD COLUMN result_chars INTEGER;
+    """,
 )
 
 
@@ -125,12 +129,14 @@ class AuditRecord(BaseModel):
     conversation_id: str | None = None
     tool_call_id: str | None = None
     tool: str
+    server: str | None = None  # the MCP server a tool came from; None for a built-in
     # A string when the model produced arguments that are not a JSON object.
     arguments: dict[str, Any] | str
     status: AuditStatus
     duration_ms: float = 0.0
     approval: Approval
     error: str | None = None
+    result_chars: int | None = None  # the whole result's length, before the model's cap
 
 
 class AuditUpdate(BaseModel):
@@ -141,6 +147,7 @@ class AuditUpdate(BaseModel):
     approval: Approval | None = None  # None keeps the recorded decision
     duration_ms: float | None = None
     error: str | None = None
+    result_chars: int | None = None  # the whole result's length, before the model's cap
 
 
 class PendingApproval(BaseModel):
@@ -430,13 +437,14 @@ class Store:
                 int(
                     conn.execute(
                         "INSERT INTO tool_audit (timestamp, conversation_id, tool_call_id, tool, "
-                        "arguments, status, duration_ms, approval, error) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "server, arguments, status, duration_ms, approval, error) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (
                             _iso(record.timestamp),
                             record.conversation_id,
                             record.tool_call_id,
                             record.tool,
+                            record.server,
                             json.dumps(record.arguments),
                             record.status,
                             record.duration_ms,
@@ -512,8 +520,9 @@ def _insert_pending(conn: sqlite3.Connection, approval: PendingApproval) -> None
 def _update_audit(conn: sqlite3.Connection, updates: list[AuditUpdate]) -> None:
     conn.executemany(
         "UPDATE tool_audit SET status = ?, approval = COALESCE(?, approval), "
-        "duration_ms = COALESCE(?, duration_ms), error = COALESCE(?, error) WHERE id = ?",
-        [(u.status, u.approval, u.duration_ms, u.error, u.id) for u in updates],
+        "duration_ms = COALESCE(?, duration_ms), error = COALESCE(?, error), "
+        "result_chars = COALESCE(?, result_chars) WHERE id = ?",
+        [(u.status, u.approval, u.duration_ms, u.error, u.result_chars, u.id) for u in updates],
     )
 
 

@@ -53,5 +53,5 @@ def test_the_wheel_installs_one_package_that_works_outside_the_checkout(tmp_path
     )
     assert run.returncode == 0, run.stderr
     assert str(venv) in run.stdout
-    for script in ("ailab-server", "ailab-chat"):
+    for script in ("ailab-server", "ailab-chat", "ailab-mcp"):
         assert (venv / "bin" / script).is_file()

@@ -287,6 +287,8 @@ def test_audit_round_trips_every_field(store: Store) -> None:
         error="outside tool roots",
         duration_ms=0.25,
         timestamp=when,
+        server="fs",
+        result_chars=42,
     )
     record_id = record(store, entry)
     (stored,) = store.list_tool_audit()

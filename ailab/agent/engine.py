@@ -16,8 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -33,6 +32,22 @@ FORCED_CALL_TOKENS = 256
 
 class ApprovalGone(NotFound):
     """The approval was decided, superseded or dropped with its conversation."""
+
+
+class ExtraTools(Protocol):
+    """Tools from outside the built-in catalogue (MCP servers'), offered next to them."""
+
+    def schemas(self) -> list[dict[str, Any]]: ...
+
+    def owns(self, name: str) -> bool: ...
+
+    def origin(self, name: str) -> tuple[str | None, str]: ...
+
+    def approval(self, name: str, policy_mode: str) -> tuple[bool, str]: ...
+
+    async def call(
+        self, name: str, arguments: dict[str, Any] | str, policy_mode: str, approved: bool
+    ) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -113,12 +128,14 @@ class ChatEngine:
         llama_url: str,
         max_iterations: int,
         tool_policy: Callable[[], tools.ToolPolicy],
+        extra_tools: ExtraTools | None = None,
     ) -> None:
         self.http = http
         self.store = store
         self.llama_url = llama_url
         self.max_iterations = max_iterations
         self.tool_policy = tool_policy  # the gateway's current one, read per batch of calls
+        self.extra_tools = extra_tools
         self.counter = TokenCounter(self._tokenize)
 
     async def _tokenize(self, text: str) -> int:
@@ -183,7 +200,11 @@ class ChatEngine:
     def _prompt_parts(self, opts: TurnOptions) -> tuple[str, list[dict[str, Any]] | None]:
         if not opts.tools_enabled or opts.tool_choice == "none":
             return opts.system_prompt, None
-        return opts.system_prompt, tools.get_available_tools()
+        return opts.system_prompt, self._tool_schemas()
+
+    def _tool_schemas(self) -> list[dict[str, Any]]:
+        extra = self.extra_tools.schemas() if self.extra_tools else []
+        return [*tools.get_available_tools(), *extra]
 
     # --- one model call --------------------------------------------------------------
 
@@ -236,7 +257,7 @@ class ChatEngine:
         llama-server rejects a named tool_choice and does not enforce "required" with every
         chat template, so the model is asked for JSON under a schema that admits only what
         the choice allows, and the tool call is made from that."""
-        available = {t["function"]["name"]: t["function"] for t in tools.get_available_tools()}
+        available = {t["function"]["name"]: t["function"] for t in self._tool_schemas()}
         name = opts.named_tool
         schema, instruction = _forced_schema(name, available)
         payload: dict[str, Any] = {
@@ -309,12 +330,12 @@ class ChatEngine:
         policy = self.tool_policy()
         for index, call in enumerate(calls):
             # Deciding what is destructive resolves paths: file system work, not on the loop.
-            needed = await asyncio.to_thread(tools.approval_needed, policy, *_call_parts(call))
+            needed, mode = await asyncio.to_thread(self._approval, policy, call)
             approval = decision if index == 0 else None
-            if needed and approval is None and policy.approval == "ask":
+            if needed and approval is None and mode == "ask":
                 yield self._pause_for_approval(turn, opts, stats, calls[index:])
                 return
-            yield await self._execute(turn, stats, call, policy, approval, needed)
+            yield await self._execute(turn, stats, call, policy, approval, (needed, mode))
 
     async def _propose(self, turn: TurnRecord, calls: list[dict[str, Any]]) -> None:
         """Audit rows for the calls not yet in the audit (a resumed turn's already are)."""
@@ -323,7 +344,8 @@ class ChatEngine:
             AuditRecord(
                 conversation_id=turn.conversation_id,
                 tool_call_id=call.get("id", ""),
-                tool=_call_parts(call)[0],
+                tool=self._origin(_call_parts(call)[0])[1],
+                server=self._origin(_call_parts(call)[0])[0],
                 arguments=_call_parts(call)[1],
                 status="pending",
                 approval="undecided",
@@ -342,12 +364,12 @@ class ChatEngine:
         call: dict[str, Any],
         policy: tools.ToolPolicy,
         approval: bool | None,
-        needed: bool,
+        decision: tuple[bool, str],
     ) -> Event:
         """Run (or, when refused, answer for) one tool call; its result joins the turn."""
         name, arguments = _call_parts(call)
         audit_id = turn.open_calls[call.get("id", "")]
-        label = _approval_label(approval, needed, policy.approval)
+        label = _approval_label(approval, *decision)
         started = time.perf_counter()
         if approval is False:
             del turn.open_calls[call.get("id", "")]
@@ -357,9 +379,7 @@ class ChatEngine:
                 [AuditUpdate(id=audit_id, status="running", approval=label)]
             )
             del turn.open_calls[call.get("id", "")]  # from here on, it has started
-            running = asyncio.get_running_loop().run_in_executor(
-                None, partial(tools.execute_tool, policy, name, arguments, approved=bool(approval))
-            )
+            running = asyncio.ensure_future(self._run_tool(policy, name, arguments, bool(approval)))
             try:
                 result = await asyncio.shield(running)
             except asyncio.CancelledError:
@@ -398,12 +418,45 @@ class ChatEngine:
                     approval=label,  # type: ignore[arg-type]
                     duration_ms=(time.perf_counter() - started) * 1000,
                     error=result.get("error"),
+                    result_chars=len(json.dumps(result, ensure_ascii=False, default=str)),
                 )
             ]
         )
         stats.tools_used.append(tools.describe_call(name, arguments))
         stats.tool_calls.append(
             {"id": call.get("id", ""), "name": name, "arguments": arguments, "result": result}
+        )
+
+    def _origin(self, name: str) -> tuple[str | None, str]:
+        """(MCP server, its tool name) for an extra tool; (None, name) for a built-in."""
+        extra = self._extra(name)
+        return extra.origin(name) if extra else (None, name)
+
+    def _extra(self, name: str) -> ExtraTools | None:
+        """The extra tools that own this name, if any does."""
+        owns = self.extra_tools is not None and self.extra_tools.owns(name)
+        return self.extra_tools if owns else None
+
+    def _approval(self, policy: tools.ToolPolicy, call: dict[str, Any]) -> tuple[bool, str]:
+        """(whether the call needs a person's approval, the approval mode for it)."""
+        name, arguments = _call_parts(call)
+        extra = self._extra(name)
+        if extra is not None:
+            return extra.approval(name, policy.approval)
+        return tools.approval_needed(policy, name, arguments), policy.approval
+
+    async def _run_tool(
+        self,
+        policy: tools.ToolPolicy,
+        name: str,
+        arguments: dict[str, Any] | str,
+        approved: bool,
+    ) -> dict[str, Any]:
+        extra = self._extra(name)
+        if extra is not None:
+            return await extra.call(name, arguments, policy.approval, approved)
+        return await asyncio.to_thread(
+            tools.execute_tool, policy, name, arguments, approved=approved
         )
 
     def _pause_for_approval(

@@ -50,6 +50,7 @@ from ailab.commands import COMMANDS
 from ailab.config import ConfigError, Settings, load_settings
 from ailab.errors import AilabError, described, json_body, sse_event
 from ailab.gateway import Gateway
+from ailab.mcp import server as mcp_server
 from ailab.storage import StorageError
 from ailab.upstream import binaries, proxy
 
@@ -80,6 +81,7 @@ def create_app(settings: Settings, binary: Path) -> FastAPI:
     _add_chat_routes(app, gateway)
     _add_conversation_routes(app, gateway)
     _add_openai_routes(app, gateway)
+    mcp_server.mount(app, gateway)
     return app
 
 

@@ -16,6 +16,7 @@ from ailab.tools.catalogue import (
     format_result_for_model,
     get_available_tools,
     tool_names,
+    tool_signature,
 )
 from ailab.tools.errors import SandboxError, ToolError
 from ailab.tools.policy import ToolPolicy
@@ -31,4 +32,5 @@ __all__ = [
     "format_result_for_model",
     "get_available_tools",
     "tool_names",
+    "tool_signature",
 ]

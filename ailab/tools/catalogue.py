@@ -128,6 +128,18 @@ def tool_names() -> list[str]:
     return list(_TOOLS)
 
 
+def tool_signature(name: str) -> inspect.Signature:
+    """A tool's parameters as the caller passes them: without ``policy``, annotations
+    resolved (for frameworks that build their own schema from a signature)."""
+    func = _TOOLS[name].func
+    hints = typing.get_type_hints(func, include_extras=True)
+    params = list(inspect.signature(func).parameters.values())[1:]
+    return inspect.Signature(
+        [param.replace(annotation=hints[param.name]) for param in params],
+        return_annotation=hints["return"],
+    )
+
+
 # --- Dispatcher ------------------------------------------------------------------------
 
 
