@@ -124,6 +124,11 @@ class Settings(BaseModel):
     net_allow_private: bool = False
     extra_models_file: Path | None = None
     hf_endpoint: str | None = None
+    # The model pool. None: a share of the memory found at start (upstream/budget.py).
+    memory_budget_mb: float | None = Field(None, gt=0)
+    max_loaded_models: int = Field(3, ge=1, le=64)
+    model_ttl_s: float = Field(0.0, ge=0)  # idle seconds before unloading; 0 = never
+    preload: tuple[str, ...] = ()
 
     @property
     def custom_models_dir(self) -> Path:
@@ -175,11 +180,17 @@ ENV_FIELDS: dict[str, str] = {
     "AILAB_NET_ALLOW_PRIVATE": "net_allow_private",
     "AILAB_EXTRA_MODELS": "extra_models_file",
     "HF_ENDPOINT": "hf_endpoint",
+    "AILAB_MEMORY_BUDGET_MB": "memory_budget_mb",
+    "AILAB_MAX_LOADED_MODELS": "max_loaded_models",
+    "AILAB_MODEL_TTL": "model_ttl_s",
+    "AILAB_PRELOAD": "preload",
 }
 FIELD_ENV = {field: env for env, field in ENV_FIELDS.items()}
 
 
 def _parse_env_value(field: str, raw: str) -> Any:
+    if field == "preload":
+        return tuple(key.strip() for key in raw.split(",") if key.strip())
     if field == "tool_roots":
         return tuple(Path(p).expanduser() for p in raw.split(os.pathsep) if p)
     if field == "net_allow_private":
@@ -216,10 +227,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         ) from None
     if settings.llama_server_path is not None and not settings.llama_server_path.is_file():
         raise ConfigError(f"LLAMA_SERVER_PATH={str(settings.llama_server_path)!r} is not a file")
-    if settings.default_model not in get_all_models(settings):
+    known = get_all_models(settings)
+    if settings.default_model not in known:
         raise ConfigError(
             f"AILAB_DEFAULT_MODEL={settings.default_model!r} is not a known model; "
-            f"known: {', '.join(sorted(get_all_models(settings)))}"
+            f"known: {', '.join(sorted(known))}"
+        )
+    unknown = [key for key in settings.preload if key not in known]
+    if unknown:
+        raise ConfigError(
+            f"AILAB_PRELOAD names unknown models {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(known))}"
         )
     return settings
 
@@ -301,6 +319,9 @@ class ModelSource(BaseModel):
     chat_template_path: Path | None = None
     context_length: int = 4096
     extra_args: list[str] = []
+    pinned: bool = False  # never unloaded to make room or for idling
+    ttl_s: float | None = None  # idle seconds before unloading; None = AILAB_MODEL_TTL
+    reranker: bool = False  # started with --reranking; serves /v1/rerank
 
 
 def model_path(settings: Settings, entry: dict[str, Any]) -> Path | None:
@@ -336,6 +357,9 @@ def get_model_source(settings: Settings, model_key: str) -> ModelSource:
         "chat_template_path": template_path(template) if template else None,
         "context_length": int(entry.get("context_length") or 4096),
         "extra_args": list(entry.get("extra_args") or []),
+        "pinned": bool(entry.get("pinned")),
+        "ttl_s": entry.get("ttl"),
+        "reranker": bool(entry.get("reranker")),
     }
     if entry.get("is_finetuned"):
         return ModelSource(kind="local_finetuned", path=path, **common)
