@@ -1,5 +1,5 @@
-"""The gateway's runtime: the supervised llama-server, the store, the engine and the rules
-about who may generate when. The HTTP layer (ai_server.py) only translates to and from it.
+"""The gateway's runtime: the model pool, the store, the engines and the rules about who
+may generate when. The HTTP layer (ailab/api) only translates to and from it.
 """
 
 from __future__ import annotations
@@ -12,17 +12,15 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from ailab import config
 from ailab import tools_all as tools
 from ailab.agent.engine import ChatEngine, TurnOptions
-from ailab.api.schemas import ChatRequest, ModelInfo
+from ailab.api.schemas import ChatRequest, DownloadInfo, InstanceStatus, ModelInfo
 from ailab.config import GENERATION_DEFAULTS, ModelSource, Settings
 from ailab.storage import AsyncStore, merge_messages
-from ailab.upstream import proxy
 from ailab.upstream.admission import GenerationGate, KeyedLocks
-from ailab.upstream.supervisor import LlamaServerManager, LlamaStartError
+from ailab.upstream.pool import Instance, ModelPool, PoolRefused, Purpose, instance_id
+from ailab.upstream.supervisor import LlamaServerManager, LlamaStartError, LlamaUnavailable
 
 log = logging.getLogger("ailab.gateway")
 
@@ -42,20 +40,14 @@ class SwitchFailed(RuntimeError):
 class Gateway:
     def __init__(self, settings: Settings, binary: Path) -> None:
         self.settings = settings
-        self.http, transport = proxy.make_client()
         self.store = AsyncStore(settings.database_path)
-        self.manager = LlamaServerManager(settings, binary, self.http, transport)
+        self.pool = ModelPool(settings, binary)
+        self.default_model = settings.default_model
         self.gate = GenerationGate(settings.parallel + settings.queue_limit, settings.switch_wait_s)
         self.conversation_locks = KeyedLocks()
-        self.engine = ChatEngine(
-            self.http,
-            self.store,
-            settings.llama_base_url,
-            settings.max_tool_iterations,
-            settings.tool_approval,
-        )
         self.system_prompt = config.DEFAULT_SYSTEM_PROMPT
         self.tools_enabled = True
+        self._engines: dict[str, ChatEngine] = {}
         self._switch_lock = asyncio.Lock()
 
     # --- lifecycle -------------------------------------------------------------------
@@ -70,16 +62,17 @@ class Gateway:
                 await asyncio.to_thread(tools.set_allowed_roots, saved_roots)
             except ValueError as exc:
                 log.warning("ignoring saved tool roots: %s", exc)
-        await self.manager.detect_devices()
-        try:
-            await self.manager.start(self.model_source(self.settings.default_model))
-        except LlamaStartError as exc:
-            # Stay up: /health shows the reason and a switch to another model can fix it.
-            log.error("could not start llama-server: %s", exc)
+        await self.pool.start()
+        keys = dict.fromkeys([self.default_model, *self.settings.preload])
+        for key in keys:
+            try:
+                await self.pool.load(await asyncio.to_thread(self.model_source, key))
+            except (LlamaStartError, LlamaUnavailable, PoolRefused) as exc:
+                # Stay up: /health shows the reason and a switch to another model can fix it.
+                log.error("could not load %s: %s", key, exc)
 
     async def close(self) -> None:
-        await self.manager.close()
-        await self.http.aclose()
+        await self.pool.close()
         await self.store.close()
 
     # --- models ----------------------------------------------------------------------
@@ -91,13 +84,48 @@ class Gateway:
             known = ", ".join(sorted(config.get_all_models(self.settings)))
             raise ModelNotFound(f"unknown model {key!r}; known models: {known}") from None
 
+    async def source_for(self, key: str | None) -> ModelSource:
+        """The named model's source (the default for None); ModelNotFound lists the keys."""
+        return await asyncio.to_thread(self.model_source, key or self.default_model)
+
+    @property
+    def default_instance(self) -> Instance:
+        """The default model's instance (created unloaded at start, or by a switch)."""
+        return self.pool.instances[self.default_model]
+
+    @property
+    def manager(self) -> LlamaServerManager:
+        """The default model's supervisor: what /health, /command and the bench report."""
+        return self.default_instance.manager
+
+    @property
+    def engine(self) -> ChatEngine:
+        return self.engine_for(self.default_instance)
+
+    def engine_for(self, instance: Instance) -> ChatEngine:
+        """The agent loop bound to one instance (its client, its port, its token counts)."""
+        engine = self._engines.get(instance.id)
+        if engine is None:
+            engine = ChatEngine(
+                instance.http,
+                self.store,
+                instance.manager.base_url,
+                self.settings.max_tool_iterations,
+                self.settings.tool_approval,
+            )
+            self._engines[instance.id] = engine
+        return engine
+
     def list_models(self) -> list[ModelInfo]:
-        """Every model with its file state; called in a worker thread (it stats files)."""
-        current = self.manager.model.key if self.manager.model else None
+        """Every model with its file and pool state; called in a worker thread (it stats
+        files and reads GGUF headers)."""
         infos = []
         for key, entry in config.get_all_models(self.settings).items():
             path = config.model_path(self.settings, entry)
             exists = bool(path and path.is_file())
+            source = self.model_source(key)
+            main = self.instance_status(source)
+            embeddings = self.pool.instances.get(instance_id(source, "embed"))
             infos.append(
                 ModelInfo(
                     key=key,
@@ -107,22 +135,77 @@ class Gateway:
                     size_bytes=path.stat().st_size if exists and path else None,
                     is_finetuned=bool(entry.get("is_finetuned")),
                     recommended=bool(entry.get("recommended")),
-                    current=key == current,
+                    current=key == self.default_model,
                     context_length=entry.get("context_length"),
                     hf_repo=entry.get("hf_repo"),
                     usage=entry.get("usage"),
                     base_model=entry.get("base_model"),
+                    pinned=source.pinned,
+                    reranker=source.reranker,
+                    **main.model_dump(exclude={"id", "purpose"}),
+                    embeddings=self.instance_status(source, "embed") if embeddings else None,
                 )
             )
         return infos
 
-    async def switch_model(self, key: str) -> tuple[str | None, float]:
-        """Swap llama-server to another model once running generations are done.
+    def instance_status(self, source: ModelSource, purpose: Purpose = "generate") -> InstanceStatus:
+        """What the pool knows about one instance of a model, loaded or not (may read the
+        GGUF header for the estimate: call it in a thread)."""
+        instance = self.pool.instances.get(instance_id(source, purpose))
+        if instance is None:
+            return InstanceStatus(
+                id=instance_id(source, purpose),
+                purpose=purpose,
+                state="unloaded",
+                memory_estimate_mb=self.pool.estimate(source, purpose),
+            )
+        manager = instance.manager
+        download = manager.download.model_dump() if manager.download else None
+        return InstanceStatus(
+            id=instance.id,
+            purpose=instance.purpose,
+            state=instance.state,  # type: ignore[arg-type]
+            message=manager.message,
+            download=DownloadInfo(**download) if download else None,
+            pid=manager.pid,
+            port=manager.port,
+            memory_estimate_mb=instance.estimate_mb or self.pool.estimate(source, purpose),
+            memory_measured_mb=instance.measured_mb,
+            in_flight=instance.in_flight,
+            last_used=instance.last_used_wall,
+            restarts=manager.restarts,
+        )
 
-        Fails fast (before stopping anything) for an unknown key or a missing file; if
-        the new model does not load, the previous one is brought back."""
+    def resident_status(self) -> list[InstanceStatus]:
+        return [self.instance_status(i.source, i.purpose) for i in self.pool.resident()]
+
+    async def switch_model(self, key: str) -> tuple[str | None, float]:
+        """Make another model the default and load it (making room as any load does).
+
+        Fails fast for an unknown key or a missing file; if the new model does not load,
+        the previous default stays (and is loaded again if it was unloaded for room)."""
         source = await asyncio.to_thread(self._loadable_source, key)
-        return await self.restart_llama(source)
+        async with self._switch_lock:
+            previous = self.default_model
+            previous_source = self.default_instance.source
+            started = time.perf_counter()
+            self.pool.instance(source)
+            self.default_model = key  # requests without a model now wait for this one
+            try:
+                await self.pool.load(source)
+            except (LlamaStartError, LlamaUnavailable, PoolRefused) as exc:
+                self.default_model = previous
+                raise SwitchFailed(f"{exc}; {await self._restore(previous_source)}") from exc
+            return previous, time.perf_counter() - started
+
+    async def _restore(self, source: ModelSource) -> str:
+        if self.pool.instance(source).serving:
+            return f"{source.key} stays the default"
+        try:
+            await self.pool.load(source)
+        except (LlamaStartError, LlamaUnavailable, PoolRefused) as again:
+            return f"restoring {source.key} also failed: {again}"
+        return f"{source.key} was restored"
 
     def _loadable_source(self, key: str) -> ModelSource:
         """The model's source, or why it cannot load (runs in a thread: it stats files)."""
@@ -134,47 +217,54 @@ class Gateway:
             )
         return source
 
-    async def restart_llama(
-        self, source: ModelSource | None = None, **manager_settings: int
-    ) -> tuple[str | None, float]:
-        """Restart llama-server under the exclusive gate, with a new model and/or new
-        manager settings (n_gpu_layers, n_ctx_limit); on failure everything is put back."""
+    async def load_model(self, key: str) -> Instance:
+        source = await asyncio.to_thread(self._loadable_source, key)
+        return await self.pool.load(source)
+
+    async def unload_model(self, key: str) -> list[str]:
+        """Unload every instance of a model (once its requests are done)."""
+        await self.source_for(key)
+        unloaded = []
+        for instance in list(self.pool.instances.values()):
+            if instance.key == key and instance.holds_memory:
+                await self.pool.unload(instance)
+                unloaded.append(instance.id)
+        return unloaded
+
+    async def restart_llama(self, **manager_settings: int) -> None:
+        """Restart every loaded model under the exclusive gate with new manager settings
+        (n_gpu_layers, n_ctx_limit); on failure the old settings are put back."""
         async with self._switch_lock, self.gate.exclusive():
-            previous = self.manager.model
-            old_settings = {name: getattr(self.manager, name) for name in manager_settings}
-            for name, value in manager_settings.items():
-                setattr(self.manager, name, value)
-            started = time.perf_counter()
+            old = {name: getattr(self.pool, name) for name in manager_settings}
             try:
-                await self.manager.restart(source)
+                await self.pool.restart_all(**manager_settings)
             except LlamaStartError as exc:
-                for name, value in old_settings.items():
-                    setattr(self.manager, name, value)
-                if previous is None:
-                    raise SwitchFailed(str(exc)) from exc
                 try:
-                    await self.manager.restart(previous)
+                    await self.pool.restart_all(**old)
                 except LlamaStartError as again:
                     raise SwitchFailed(
-                        f"{exc}; restoring {previous.key} also failed: {again}"
+                        f"{exc}; restoring the settings also failed: {again}"
                     ) from again
-                raise SwitchFailed(f"{exc}; {previous.key} was restored") from exc
-            if source is not None and (previous is None or source.key != previous.key):
-                self.engine.counter.clear()
-            return (previous.key if previous else None), time.perf_counter() - started
+                raise SwitchFailed(f"{exc}; the previous settings were restored") from exc
 
     # --- chat ------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def generation(self) -> AsyncIterator[None]:
+    async def generation(
+        self, source: ModelSource, purpose: Purpose = "generate"
+    ) -> AsyncIterator[Instance]:
         """Admission for anything that generates: a queue place, no switch running, and
-        llama-server serving (waiting, bounded, while it loads or restarts)."""
-        async with self.gate.generation():
-            await self.manager.wait_until_serving(self.settings.switch_wait_s)
-            yield
+        the model's instance serving (loaded first, and waited for, bounded)."""
+        async with self.gate.generation(), self.pool.use(source, purpose) as instance:
+            yield instance
 
-    def token_budget(self, max_tokens: int) -> int:
-        n_ctx = self.manager.n_ctx
+    async def chat_source(self, conversation_id: str, requested: str | None) -> ModelSource:
+        """/chat's model: the one named, else the conversation's, else the default."""
+        key = requested or await self.store.get_conversation_model(conversation_id)
+        return await self.source_for(key)
+
+    def token_budget(self, source: ModelSource, max_tokens: int) -> int:
+        n_ctx = self.pool.n_ctx_for(source)
         if max_tokens >= n_ctx:
             raise ValueError(
                 f"max_tokens={max_tokens} leaves no room for the conversation in a "
@@ -185,12 +275,14 @@ class Gateway:
             budget = min(budget, self.settings.max_conversation_tokens)
         return budget
 
-    async def prepare_turn(self, request: ChatRequest) -> TurnOptions | None:
-        """Store the request's new messages; None when it was a reset (empty messages)."""
+    async def prepare_turn(self, request: ChatRequest, model_key: str) -> TurnOptions | None:
+        """Store the request's new messages and the conversation's model; None when it was
+        a reset (empty messages)."""
         conversation_id = request.conversation_id
         if not request.messages:
             await self.store.reset_conversation(conversation_id)
             return None
+        await self.store.set_conversation_model(conversation_id, model_key)
         stored = await self.store.get_messages(conversation_id)
         incoming = [m.model_dump(exclude_none=True) for m in request.messages]
         merged = merge_messages(stored, incoming)
@@ -211,19 +303,10 @@ class Gateway:
             stream=request.stream,
         )
 
-    def chat_extras(self, conversation_id: str) -> dict[str, Any]:
+    @staticmethod
+    def chat_extras(instance: Instance, conversation_id: str) -> dict[str, Any]:
         return {
             "conversation_id": conversation_id,
-            "model_key": self.manager.model.key if self.manager.model else None,
-            "device": self.manager.device,
+            "model_key": instance.key,
+            "device": instance.manager.device,
         }
-
-    # --- pass-through ----------------------------------------------------------------
-
-    def upstream_request(self, method: str, path: str, body: bytes) -> httpx.Request:
-        return self.http.build_request(
-            method,
-            f"{self.settings.llama_base_url}{path}",
-            content=body,
-            headers={"content-type": "application/json"},
-        )

@@ -76,6 +76,8 @@ MIGRATIONS: tuple[str, ...] = (
         payload TEXT NOT NULL
     );
     """,
+    # The model a conversation runs on; NULL (older conversations) means the default.
+    "ALTER TABLE conversations ADD COLUMN model_key TEXT",
 )
 
 
@@ -255,6 +257,22 @@ class Store:
             deleted = conn.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
         return deleted.rowcount > 0
 
+    def get_conversation_model(self, conversation_id: str) -> str | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT model_key FROM conversations WHERE id = ?", (conversation_id,)
+            ).fetchone()
+        return row["model_key"] if row else None
+
+    def set_conversation_model(self, conversation_id: str, model_key: str) -> None:
+        now = _iso(utc_now())
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO conversations (id, created_at, updated_at, model_key) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET model_key = excluded.model_key",
+                (conversation_id, now, now, model_key),
+            )
+
     def list_conversations(self) -> list[ConversationSummary]:
         with self._lock:
             rows = self._conn.execute(
@@ -432,6 +450,12 @@ class AsyncStore:
 
     async def delete_conversation(self, conversation_id: str) -> bool:
         return await self._run(self._store.delete_conversation, conversation_id)
+
+    async def get_conversation_model(self, conversation_id: str) -> str | None:
+        return await self._run(self._store.get_conversation_model, conversation_id)
+
+    async def set_conversation_model(self, conversation_id: str, model_key: str) -> None:
+        await self._run(self._store.set_conversation_model, conversation_id, model_key)
 
     async def list_conversations(self) -> list[ConversationSummary]:
         return await self._run(self._store.list_conversations)

@@ -121,8 +121,8 @@ def _port_open(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_llama_server_output_goes_to_a_log_under_the_data_dir(gateway: GatewayProcess) -> None:
-    log = gateway.data_dir / "logs" / "llama-server.log"
+def test_each_models_llama_server_output_goes_to_its_own_log(gateway: GatewayProcess) -> None:
+    log = gateway.data_dir / "logs" / "llama-server-smollm2-135m.log"
     text = wait_for(lambda: log.exists() and "starting:" in log.read_text() and log.read_text())
     assert "--metrics" in text and "-ngl" in text
 

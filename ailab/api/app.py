@@ -13,20 +13,20 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import uvicorn
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sse_starlette import EventSourceResponse
-from starlette.types import Receive, Scope, Send
 
 from ailab import exports
 from ailab.agent.engine import ApprovalGone, Event, TurnStats
 from ailab.agent.token_budget import ContextOverflow
+from ailab.api import llama_routes
 from ailab.api.schemas import (
     ApprovalRequest,
     AuditResponse,
@@ -39,18 +39,22 @@ from ailab.api.schemas import (
     ConversationSummaryOut,
     DownloadInfo,
     HealthResponse,
+    LoadResponse,
+    ModelRequest,
     ModelsResponse,
     StatusResponse,
     SwitchRequest,
     SwitchResponse,
+    UnloadResponse,
 )
 from ailab.bench.model_speed import ModelBenchError
 from ailab.commands import COMMANDS, CommandError
-from ailab.config import GENERATION_DEFAULTS, ConfigError, Settings, load_settings
+from ailab.config import GENERATION_DEFAULTS, ConfigError, ModelSource, Settings, load_settings
 from ailab.gateway import Gateway, ModelFileMissing, ModelNotFound, SwitchFailed
 from ailab.upstream import proxy
 from ailab.upstream.admission import Overloaded, SwitchTimeout
-from ailab.upstream.supervisor import LlamaStartError, LlamaUnavailable
+from ailab.upstream.pool import Instance, PoolRefused
+from ailab.upstream.supervisor import LlamaStartError, LlamaUnavailable, ManagerState
 
 log = logging.getLogger("ailab.server")
 
@@ -87,7 +91,7 @@ def create_app(settings: Settings, binary: Path) -> FastAPI:
     _add_status_routes(app, gateway)
     _add_chat_routes(app, gateway)
     _add_conversation_routes(app, gateway)
-    _add_openai_routes(app, gateway)
+    llama_routes.add_routes(app, gateway)
     return app
 
 
@@ -120,12 +124,13 @@ def _install_error_handlers(app: FastAPI) -> None:
             headers={"Retry-After": "1"},
         )
 
-    async def upstream_failed(_: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, proxy.UpstreamError)
+    async def with_status(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, proxy.UpstreamError | PoolRefused)
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
     app.add_exception_handler(Overloaded, overloaded)
-    app.add_exception_handler(proxy.UpstreamError, upstream_failed)
+    app.add_exception_handler(proxy.UpstreamError, with_status)
+    app.add_exception_handler(PoolRefused, with_status)
 
 
 # --- status and models -------------------------------------------------------------------
@@ -136,8 +141,12 @@ def _add_status_routes(app: FastAPI, gw: Gateway) -> None:
     async def health() -> JSONResponse:
         manager = gw.manager
         download = manager.download.model_dump() if manager.download else None
+        residents = await asyncio.to_thread(gw.resident_status)
+        # The default model unloaded for idling or for room is not a fault: the next
+        # request loads it again.
+        unloaded = manager.state == ManagerState.STOPPED
         body = HealthResponse(
-            status=manager.health_status,  # type: ignore[arg-type]
+            status="ok" if unloaded else manager.health_status,  # type: ignore[arg-type]
             model_key=manager.model.key if manager.model else None,
             model_name=manager.model.name if manager.model else None,
             device=manager.device,
@@ -146,8 +155,12 @@ def _add_status_routes(app: FastAPI, gw: Gateway) -> None:
             uptime_s=manager.uptime_s,
             message=manager.message,
             download=DownloadInfo(**download) if download else None,
-            n_ctx=manager.n_ctx,
+            n_ctx=gw.pool.n_ctx_for(gw.default_instance.source),
             parallel=gw.settings.parallel,
+            memory_budget_mb=gw.pool.budget_mb,
+            memory_used_mb=round(sum(i.cost_mb for i in gw.pool.resident()), 1),
+            max_loaded_models=gw.pool.max_models,
+            models=residents,
         )
         status = 200 if body.status == "ok" else 503
         return JSONResponse(body.model_dump(), status_code=status)
@@ -155,8 +168,22 @@ def _add_status_routes(app: FastAPI, gw: Gateway) -> None:
     @app.get("/models", response_model=ModelsResponse)
     async def models() -> ModelsResponse:
         infos = await asyncio.to_thread(gw.list_models)
-        current = gw.manager.model.key if gw.manager.model else None
-        return ModelsResponse(current=current, models=infos)
+        return ModelsResponse(
+            current=gw.default_model,
+            memory_budget_mb=gw.pool.budget_mb,
+            max_loaded_models=gw.pool.max_models,
+            models=infos,
+        )
+
+    @app.post("/models/load", response_model=LoadResponse)
+    async def load_model(request: ModelRequest) -> LoadResponse:
+        instance = await gw.load_model(request.model)
+        status = await asyncio.to_thread(gw.instance_status, instance.source, instance.purpose)
+        return LoadResponse(status="ok", model=status)
+
+    @app.post("/models/unload", response_model=UnloadResponse)
+    async def unload_model(request: ModelRequest) -> UnloadResponse:
+        return UnloadResponse(status="ok", unloaded=await gw.unload_model(request.model))
 
     @app.post("/model/switch", response_model=SwitchResponse)
     async def switch(request: SwitchRequest) -> SwitchResponse:
@@ -201,18 +228,19 @@ def _add_chat_routes(app: FastAPI, gw: Gateway) -> None:
     @app.post("/chat", response_model=ChatResponse)
     async def chat(request: ChatRequest) -> Response:
         max_tokens = request.max_tokens or GENERATION_DEFAULTS["max_tokens"]
-        budget = gw.token_budget(max_tokens)
+        source = await gw.chat_source(request.conversation_id, request.model)
+        budget = gw.token_budget(source, max_tokens)
 
-        async def events() -> AsyncIterator[Event]:
-            async with gw.generation(), gw.conversation_locks.hold(request.conversation_id):
-                opts = await gw.prepare_turn(request)
+        async def events(instance: Instance) -> AsyncIterator[Event]:
+            async with gw.conversation_locks.hold(request.conversation_id):
+                opts = await gw.prepare_turn(request, source.key)
                 if opts is None:
                     yield "done", {**TurnStats().summary(), "response": ""}
                     return
-                async for event in gw.engine.run(opts, TurnStats(), budget):
+                async for event in gw.engine_for(instance).run(opts, TurnStats(), budget):
                     yield event
 
-        return await _respond(gw, events(), request.conversation_id, request.stream)
+        return await _respond(gw, source, events, request.conversation_id, request.stream)
 
     @app.post("/chat/approve", response_model=ChatResponse)
     async def approve(request: ApprovalRequest) -> Response:
@@ -224,39 +252,50 @@ def _add_chat_routes(app: FastAPI, gw: Gateway) -> None:
                 f"{request.conversation_id!r} (already decided, or never asked)",
             )
         max_tokens = int(pending.state["options"]["sampling"]["max_tokens"])
-        budget = gw.token_budget(max_tokens)
+        source = await gw.chat_source(request.conversation_id, None)
+        budget = gw.token_budget(source, max_tokens)
 
-        async def events() -> AsyncIterator[Event]:
-            async with gw.generation(), gw.conversation_locks.hold(request.conversation_id):
-                async for event in gw.engine.resume(
+        async def events(instance: Instance) -> AsyncIterator[Event]:
+            async with gw.conversation_locks.hold(request.conversation_id):
+                async for event in gw.engine_for(instance).resume(
                     pending, request.approve, request.stream, budget
                 ):
                     yield event
 
-        return await _respond(gw, events(), request.conversation_id, request.stream)
+        return await _respond(gw, source, events, request.conversation_id, request.stream)
+
+
+Turn = Callable[[Instance], AsyncIterator[Event]]
 
 
 async def _respond(
-    gw: Gateway, events: AsyncIterator[Event], conversation_id: str, stream: bool
+    gw: Gateway, source: ModelSource, turn: Turn, conversation_id: str, stream: bool
 ) -> Response:
-    extras = gw.chat_extras(conversation_id)
+    """Run a turn on the model's instance, held for as long as the turn runs."""
     if stream:
-        return EventSourceResponse(_sse(events, extras), ping=15)
+        return EventSourceResponse(_sse(gw, source, turn, conversation_id), ping=15)
     final: dict[str, Any] = {}
-    async for name, data in events:
-        if name == "done":
-            final = data
-    return JSONResponse(ChatResponse(**final, **extras).model_dump())
+    async with gw.generation(source) as instance:
+        async for name, data in turn(instance):
+            if name == "done":
+                final = data
+    return JSONResponse(
+        ChatResponse(**final, **gw.chat_extras(instance, conversation_id)).model_dump()
+    )
 
 
-async def _sse(events: AsyncIterator[Event], extras: dict[str, Any]) -> AsyncIterator[dict]:
+async def _sse(
+    gw: Gateway, source: ModelSource, turn: Turn, conversation_id: str
+) -> AsyncIterator[dict]:
     """Events as SSE; a failure mid-stream becomes an `error` event and a clean close.
     A client that disconnects cancels this generator, which closes the upstream stream."""
     try:
-        async for name, data in events:
-            if name == "done":
-                data = ChatResponse(**data, **extras).model_dump()
-            yield {"event": name, "data": json.dumps(data)}
+        async with gw.generation(source) as instance:
+            extras = gw.chat_extras(instance, conversation_id)
+            async for name, data in turn(instance):
+                if name == "done":
+                    data = ChatResponse(**data, **extras).model_dump()
+                yield {"event": name, "data": json.dumps(data)}
     except (
         ApprovalGone,
         proxy.UpstreamError,
@@ -265,6 +304,8 @@ async def _sse(events: AsyncIterator[Event], extras: dict[str, Any]) -> AsyncIte
         Overloaded,
         SwitchTimeout,
         LlamaUnavailable,
+        LlamaStartError,
+        PoolRefused,
     ) as exc:
         yield {"event": "error", "data": json.dumps({"error": str(exc)})}
     except httpx.HTTPError as exc:
@@ -321,76 +362,6 @@ def _export_response(
     body = exports.export_conversations(fmt, conversations, system_prompt, tools)
     media = "application/json" if fmt == "json" else "text/plain"
     return PlainTextResponse(body, media_type=media)
-
-
-# --- OpenAI-compatible pass-through ------------------------------------------------------
-
-
-def _add_openai_routes(app: FastAPI, gw: Gateway) -> None:
-    async def forward(request: Request, path: str) -> Response:
-        body = await request.body()
-        wants_stream = False
-        if body:
-            try:
-                wants_stream = bool(json.loads(body).get("stream"))
-            except (ValueError, AttributeError):
-                raise HTTPException(400, "the request body must be a JSON object") from None
-        upstream_request = gw.upstream_request(request.method, path, body)
-        if wants_stream:
-            return await _forward_stream(gw, upstream_request)
-        async with gw.generation():
-            try:
-                response = await proxy.send(gw.http, upstream_request)
-            except httpx.HTTPError as exc:
-                raise proxy.UpstreamError(f"llama-server is not reachable: {exc}", 503) from exc
-        return Response(
-            response.content,
-            status_code=response.status_code,
-            media_type=response.headers.get("content-type", "application/json"),
-        )
-
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
-        app.add_api_route(path, _bind(forward, path), methods=["POST"])
-    app.add_api_route("/v1/models", _bind(forward, "/v1/models"), methods=["GET"])
-
-
-def _bind(forward: Any, path: str) -> Any:
-    async def endpoint(request: Request) -> Response:
-        return await forward(request, path)
-
-    endpoint.__name__ = "proxy_" + path.strip("/").replace("/", "_")
-    return endpoint
-
-
-class _ProxiedStream(StreamingResponse):
-    """llama-server's SSE bytes, passed through as they arrive. The admission slot and the
-    upstream stream are released when the response ends, however it ends."""
-
-    def __init__(self, upstream_response: httpx.Response, resources: contextlib.AsyncExitStack):
-        super().__init__(
-            upstream_response.aiter_raw(),
-            status_code=upstream_response.status_code,
-            media_type=upstream_response.headers.get("content-type", "text/event-stream"),
-        )
-        self._resources = resources
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with self._resources:
-            await super().__call__(scope, receive, send)
-
-
-async def _forward_stream(gw: Gateway, request: httpx.Request) -> Response:
-    resources = contextlib.AsyncExitStack()
-    try:
-        await resources.enter_async_context(gw.generation())
-        response = await resources.enter_async_context(proxy.stream(gw.http, request))
-    except httpx.HTTPError as exc:
-        await resources.aclose()
-        raise proxy.UpstreamError(f"llama-server is not reachable: {exc}", 503) from exc
-    except BaseException:
-        await resources.aclose()
-        raise
-    return _ProxiedStream(response, resources)
 
 
 # --- entry point -------------------------------------------------------------------------

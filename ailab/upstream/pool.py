@@ -323,6 +323,7 @@ class ModelPool:
             instance.manager.n_gpu_layers = self.n_gpu_layers
             instance.manager.n_ctx_limit = self.n_ctx_limit
             await instance.manager.start(instance.source)
+            instance.last_used = time.monotonic()  # idle time counts from being ready
         finally:
             instance.reserved = False
             self._notify()
