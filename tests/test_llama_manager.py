@@ -183,8 +183,18 @@ def test_a_hugging_face_model_is_downloaded_with_progress_then_served(
             )
         )
         switching.start()
-        progress = wait_for(lambda: _download_progress(server), timeout=30, interval=0.05)
+        seen: dict[str, dict] = {}
+
+        def both_show_progress() -> bool:
+            for name, poll in (("health", _download_progress), ("models", _listed_progress)):
+                if name not in seen and (progress := poll(server)):
+                    seen[name] = progress
+            return len(seen) == 2
+
+        wait_for(both_show_progress, timeout=30, interval=0.05)
         switching.join()
+    progress = seen["health"]
+    assert seen["models"]["filename"] == "smol-Q4_1.gguf"  # /models shows it as well
     assert progress["filename"] == "smol-Q4_1.gguf"
     assert progress["total_bytes"] == SMOLLM.stat().st_size
     assert outcome["switch"].status_code == 200, outcome["switch"].text
@@ -192,6 +202,15 @@ def test_a_hugging_face_model_is_downloaded_with_progress_then_served(
     assert (health["status"], health["model_key"], health["download"]) == ("ok", "hf-smol", None)
     cached = list((tmp_path / "hf-cache").rglob("smol-Q4_1.gguf"))
     assert cached and cached[0].stat().st_size == SMOLLM.stat().st_size
+
+
+def _listed_progress(server: GatewayProcess) -> dict | None:
+    models = requests.get(f"{server.url}/models", timeout=2).json()["models"]
+    entry = next(m for m in models if m["key"] == "hf-smol")
+    download = entry["download"]
+    if entry["state"] == "downloading" and download and download["downloaded_bytes"] > 0:
+        return download
+    return None
 
 
 def _download_progress(server: GatewayProcess) -> dict | None:
