@@ -356,26 +356,49 @@ def as_json_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
+def model_state(model: JSON) -> str:
+    """The pool's state of a model as one short word (plus progress or the reason)."""
+    state = str(model.get("state") or "unloaded")
+    download = model.get("download")
+    if state == "downloading" and isinstance(download, dict):
+        return f"downloading {download.get('percent') or 0:.0f}%"
+    if state == "failed":
+        return f"failed: {shorten(str(model.get('message') or '?'), 60)}"
+    if state == "unloaded" and not model.get("exists"):
+        return "download on use" if model.get("hf_repo") else "no file"
+    return state
+
+
+def model_memory(model: JSON) -> str:
+    """Measured memory of a loaded model, else the estimate (marked ~)."""
+    if model.get("memory_measured_mb") is not None:
+        return f"{model['memory_measured_mb']:.0f} MB"
+    if model.get("memory_estimate_mb") is not None:
+        return f"~{model['memory_estimate_mb']:.0f} MB"
+    return ""
+
+
 def models_table(listing: JSON) -> Table:
-    table = Table(title="Models (rec = recommended)", title_justify="left", box=box.SIMPLE_HEAD)
+    budget = listing.get("memory_budget_mb")
+    title = "Models (● default, ★ recommended"
+    title += f"; memory budget {budget:.0f} MB)" if budget else ")"
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("#", no_wrap=True, min_width=2, justify="right")
-    table.add_column("key", no_wrap=True, min_width=12)
+    table.add_column("key", no_wrap=True, min_width=14)
     table.add_column("name", ratio=1)
-    for column in ("rec", "size", "tuned", "present", "current"):
+    for column in ("size", "state", "memory", "busy"):
         table.add_column(column, no_wrap=True, min_width=len(column))
     for number, model in enumerate(listing.get("models", []), start=1):
-        present = "yes" if model.get("exists") else "no"
-        if not model.get("exists") and model.get("hf_repo"):
-            present = "download"
+        marks = ("●" if model.get("current") else "") + ("★" if model.get("recommended") else "")
+        name = model.get("name", "") + (" (fine-tuned)" if model.get("is_finetuned") else "")
         table.add_row(
             str(number),
-            model.get("key", "?"),
-            model.get("name", ""),
-            "★" if model.get("recommended") else "",
+            f"{model.get('key', '?')} {marks}".strip(),
+            name,
             format_size(model.get("size_bytes")),
-            "yes" if model.get("is_finetuned") else "",
-            present,
-            "●" if model.get("current") else "",
+            model_state(model),
+            model_memory(model),
+            str(model.get("in_flight") or ""),
         )
     return table
 
@@ -880,7 +903,7 @@ def _cmd_help(ui: ChatUI, arg: str) -> None:
     )
 
 
-@command("models", "/models", "list the models (★ recommended, ● current)")
+@command("models", "/models", "list the models, their state and memory (● default, ★ recommended)")
 def _cmd_models(ui: ChatUI, arg: str) -> None:
     _no_argument(arg)
     ui.show_models()

@@ -150,8 +150,7 @@ async def reset_command(gw: Gateway, value: str | None, conversation_id: str) ->
 
 async def model_command(gw: Gateway, value: str | None, _: str) -> CommandResult:
     if value is None:
-        key = gw.manager.model_key
-        return f"Current model: {key}", key
+        return f"Current model: {gw.default_model}", gw.default_model
     previous, seconds = await gw.switch_model(value)
     return f"Switched from {previous} to {value} in {seconds:.1f} s", value
 
@@ -212,26 +211,26 @@ async def roots_command(gw: Gateway, value: str | None, _: str) -> CommandResult
 
 async def bench_command(gw: Gateway, value: str | None, _: str) -> CommandResult:
     """Measure the current model (or several, switching between them and back)."""
-    original = gw.manager.model_key
+    original = gw.default_model
     keys = [k.strip() for k in value.split(",") if k.strip()] if value else [original]
     for key in keys:
         await asyncio.to_thread(gw.model_source, str(key))  # unknown keys fail before a switch
     results = []
     try:
         for key in keys:
-            if key != gw.manager.model_key:
+            if key != gw.default_model:
                 await gw.switch_model(str(key))
             async with gw.gate.exclusive():  # chats must not share llama-server meanwhile
                 result = await model_bench.measure_model(
-                    gw.http,
-                    gw.settings.llama_base_url,
+                    gw.default_instance.http,
+                    gw.manager.base_url,
                     str(key),
                     gw.manager.n_gpu_layers,
                     gw.manager.n_ctx,
                 )
             results.append(result)
     finally:
-        if original and gw.manager.model and gw.manager.model.key != original:
+        if gw.default_model != original:
             await gw.switch_model(original)
     previous = [
         model_bench.ModelBenchResult.model_validate(row)

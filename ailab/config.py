@@ -140,6 +140,11 @@ class Settings(BaseModel):
     allow_no_auth: bool = False
     mcp_config_file: Path | None = None
     mcp_call_timeout_s: float = Field(60.0, gt=0)
+    # The model pool. None: a share of the memory found at start (upstream/budget.py).
+    memory_budget_mb: float | None = Field(None, gt=0)
+    max_loaded_models: int = Field(3, ge=1, le=64)
+    model_ttl_s: float = Field(0.0, ge=0)  # idle seconds before unloading; 0 = never
+    preload: tuple[str, ...] = ()
 
     @property
     def custom_models_dir(self) -> Path:
@@ -198,6 +203,10 @@ ENV_FIELDS: dict[str, str] = {
     "AILAB_ALLOW_NO_AUTH": "allow_no_auth",
     "AILAB_MCP_CONFIG": "mcp_config_file",
     "AILAB_MCP_TIMEOUT": "mcp_call_timeout_s",
+    "AILAB_MEMORY_BUDGET_MB": "memory_budget_mb",
+    "AILAB_MAX_LOADED_MODELS": "max_loaded_models",
+    "AILAB_MODEL_TTL": "model_ttl_s",
+    "AILAB_PRELOAD": "preload",
 }
 BOOLEAN_FIELDS = {"net_allow_private", "allow_no_auth"}
 MIN_KEY_CHARS = 16
@@ -206,6 +215,8 @@ FIELD_ENV = {field: env for env, field in ENV_FIELDS.items()}
 
 
 def _parse_env_value(field: str, raw: str) -> Any:
+    if field == "preload":
+        return tuple(key.strip() for key in raw.split(",") if key.strip())
     if field == "tool_roots":
         return tuple(Path(p).expanduser() for p in raw.split(os.pathsep) if p)
     if field in BOOLEAN_FIELDS:
@@ -349,10 +360,17 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         ) from None
     if settings.llama_server_path is not None and not settings.llama_server_path.is_file():
         raise ConfigError(f"LLAMA_SERVER_PATH={str(settings.llama_server_path)!r} is not a file")
-    if settings.default_model not in get_all_models(settings):
+    known = get_all_models(settings)
+    if settings.default_model not in known:
         raise ConfigError(
             f"AILAB_DEFAULT_MODEL={settings.default_model!r} is not a known model; "
-            f"known: {', '.join(sorted(get_all_models(settings)))}"
+            f"known: {', '.join(sorted(known))}"
+        )
+    unknown = [key for key in settings.preload if key not in known]
+    if unknown:
+        raise ConfigError(
+            f"AILAB_PRELOAD names unknown models {', '.join(unknown)}; "
+            f"known: {', '.join(sorted(known))}"
         )
     _check_exposure(settings)
     if settings.mcp_config_file is not None:
@@ -440,6 +458,9 @@ class ModelSource(BaseModel):
     chat_template_path: Path | None = None
     context_length: int = 4096
     extra_args: list[str] = []
+    pinned: bool = False  # never unloaded to make room or for idling
+    ttl_s: float | None = None  # idle seconds before unloading; None = AILAB_MODEL_TTL
+    reranker: bool = False  # started with --reranking; serves /v1/rerank
 
 
 def model_path(settings: Settings, entry: dict[str, Any]) -> Path | None:
@@ -475,6 +496,9 @@ def get_model_source(settings: Settings, model_key: str) -> ModelSource:
         "chat_template_path": template_path(template) if template else None,
         "context_length": int(entry.get("context_length") or 4096),
         "extra_args": list(entry.get("extra_args") or []),
+        "pinned": bool(entry.get("pinned")),
+        "ttl_s": entry.get("ttl"),
+        "reranker": bool(entry.get("reranker")),
     }
     if entry.get("is_finetuned"):
         return ModelSource(kind="local_finetuned", path=path, **common)

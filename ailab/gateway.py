@@ -1,6 +1,5 @@
-"""The gateway's runtime: the supervised llama-server, the store, the engine and the rules
-about who may generate when. The HTTP layer (ailab/api/app.py) only translates to and
-from it.
+"""The gateway's runtime: the model pool, the store, the engines, the MCP hub and the rules
+about who may generate when. The HTTP layer (ailab/api) only translates to and from it.
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from ailab import config, tools
 from ailab.agent.engine import ApprovalGone, ChatEngine, TurnOptions, TurnStats
 from ailab.agent.turn import (
@@ -26,14 +23,26 @@ from ailab.agent.turn import (
     RunningTurn,
     TurnRecord,
 )
-from ailab.api.schemas import ApprovalRequest, ChatRequest, GenerationOptions, ModelInfo
+from ailab.api.schemas import (
+    ApprovalRequest,
+    ChatRequest,
+    DownloadInfo,
+    GenerationOptions,
+    InstanceStatus,
+    ModelInfo,
+)
 from ailab.config import GENERATION_DEFAULTS, ModelSource, Settings
 from ailab.errors import AilabError, BadRequest, NotFound
 from ailab.mcp.client import McpHub
-from ailab.storage import AsyncStore, StoredConversation, merge_messages
-from ailab.upstream import proxy
+from ailab.storage import AsyncStore, PendingApproval, StoredConversation, merge_messages
 from ailab.upstream.admission import GenerationGate, KeyedLocks
-from ailab.upstream.supervisor import DownloadFailed, LlamaServerManager, LlamaStartError
+from ailab.upstream.pool import Instance, ModelPool, PoolRefused, Purpose, instance_id
+from ailab.upstream.supervisor import (
+    DownloadFailed,
+    LlamaServerManager,
+    LlamaStartError,
+    LlamaUnavailable,
+)
 
 log = logging.getLogger("ailab.gateway")
 
@@ -54,33 +63,26 @@ class ConversationNotFound(NotFound):
     """No conversation is stored under this id."""
 
 
-TurnBuilder = Callable[[StoredConversation], Awaitable[tuple[TurnRecord, AsyncIterator[Event]]]]
+Built = tuple[TurnRecord, AsyncIterator[Event]]
+TurnBuilder = Callable[[StoredConversation, "ChatEngine", int], Awaitable[Built]]
 
 
 class Gateway:
     def __init__(self, settings: Settings, binary: Path) -> None:
         self.settings = settings
         # llama-server's key: new at each start, in memory only (see LlamaServerManager).
-        llama_key = secrets.token_urlsafe(32)
-        self.http, transport = proxy.make_client(llama_key)
         self.store = AsyncStore(settings.database_path)
-        self.manager = LlamaServerManager(settings, binary, self.http, transport, llama_key)
+        self.pool = ModelPool(settings, binary, secrets.token_urlsafe(32))
+        self.default_model = settings.default_model
         self.gate = GenerationGate(settings.parallel + settings.queue_limit, settings.switch_wait_s)
         self.conversation_locks = KeyedLocks()
         self.turns: dict[str, RunningTurn] = {}  # the running turn of each conversation
         # Shares nothing until start() applies the settings; /roots replaces it.
         self.tool_policy = tools.ToolPolicy()
         self.mcp = McpHub(settings.mcp_config_file, settings.log_dir, settings.mcp_call_timeout_s)
-        self.engine = ChatEngine(
-            self.http,
-            self.store,
-            settings.llama_base_url,
-            settings.max_tool_iterations,
-            lambda: self.tool_policy,
-            self.mcp,
-        )
         self.system_prompt = config.DEFAULT_SYSTEM_PROMPT
         self.tools_enabled = True
+        self._engines: dict[str, ChatEngine] = {}
         self._switch_lock = asyncio.Lock()
         self._first_load: asyncio.Task[None] | None = None
 
@@ -97,19 +99,21 @@ class Gateway:
                 self.tool_policy = await asyncio.to_thread(self.tool_policy.with_roots, saved_roots)
             except ValueError as exc:
                 log.warning("ignoring saved tool roots: %s", exc)
-        await self.manager.detect_devices()
-        source = self.model_source(self.settings.default_model)
-        # The port opens while the first model loads (or downloads): /health says
-        # "loading" and requests wait for it. The task enters that state before its first
-        # pause, so before the server can take a request.
-        self._first_load = asyncio.create_task(self._load_first_model(source))
+        await self.pool.start()
+        keys = list(dict.fromkeys([self.default_model, *self.settings.preload]))
+        for key in keys:  # unknown keys fail here, before the port opens
+            self.pool.instance(await asyncio.to_thread(self.model_source, key))
+        # The port opens while the models load (or download): /health says "loading" and
+        # requests wait for them.
+        self._first_load = asyncio.create_task(self._load_first_models(keys))
 
-    async def _load_first_model(self, source: ModelSource) -> None:
-        try:
-            await self.manager.start(source)
-        except LlamaStartError as exc:
-            # Stay up: /health shows the reason and a switch to another model can fix it.
-            log.error("could not start llama-server: %s", exc)
+    async def _load_first_models(self, keys: list[str]) -> None:
+        for key in keys:
+            try:
+                await self.pool.load(await asyncio.to_thread(self.model_source, key))
+            except (LlamaStartError, LlamaUnavailable, PoolRefused) as exc:
+                # Stay up: /health shows the reason and a switch to another model can fix it.
+                log.error("could not load %s: %s", key, exc)
         await self.mcp.wait_started()
 
     async def close(self) -> None:
@@ -121,8 +125,7 @@ class Gateway:
             turn.stop("the gateway is shutting down")
         await asyncio.gather(*(turn.task for turn in running), return_exceptions=True)
         await self.mcp.close()
-        await self.manager.close()
-        await self.http.aclose()
+        await self.pool.close()
         await self.store.close()
 
     # --- models ----------------------------------------------------------------------
@@ -134,13 +137,54 @@ class Gateway:
             known = ", ".join(sorted(config.get_all_models(self.settings)))
             raise ModelNotFound(f"unknown model {key!r}; known models: {known}") from None
 
+    async def source_for(self, key: str | None) -> ModelSource:
+        """The named model's source (the default for None); ModelNotFound lists the keys."""
+        return await asyncio.to_thread(self.model_source, key or self.default_model)
+
+    @property
+    def starting(self) -> bool:
+        """The models named at start are still being loaded."""
+        return self._first_load is not None and not self._first_load.done()
+
+    @property
+    def default_instance(self) -> Instance:
+        """The default model's instance (created unloaded at start, or by a switch)."""
+        return self.pool.instances[self.default_model]
+
+    @property
+    def manager(self) -> LlamaServerManager:
+        """The default model's supervisor: what /health, /command and the bench report."""
+        return self.default_instance.manager
+
+    @property
+    def engine(self) -> ChatEngine:
+        return self.engine_for(self.default_instance)
+
+    def engine_for(self, instance: Instance) -> ChatEngine:
+        """The agent loop bound to one instance (its client, its port, its token counts)."""
+        engine = self._engines.get(instance.id)
+        if engine is None:
+            engine = ChatEngine(
+                instance.http,
+                self.store,
+                instance.manager.base_url,
+                self.settings.max_tool_iterations,
+                lambda: self.tool_policy,
+                self.mcp,
+            )
+            self._engines[instance.id] = engine
+        return engine
+
     def list_models(self) -> list[ModelInfo]:
-        """Every model with its file state; called in a worker thread (it stats files)."""
-        current = self.manager.model_key
+        """Every model with its file and pool state; called in a worker thread (it stats
+        files and reads GGUF headers)."""
         infos = []
         for key, entry in config.get_all_models(self.settings).items():
             path = config.model_path(self.settings, entry)
             exists = bool(path and path.is_file())
+            source = self.model_source(key)
+            main = self.instance_status(source)
+            embeddings = self.pool.instances.get(instance_id(source, "embed"))
             infos.append(
                 ModelInfo(
                     key=key,
@@ -150,32 +194,84 @@ class Gateway:
                     size_bytes=path.stat().st_size if exists and path else None,
                     is_finetuned=bool(entry.get("is_finetuned")),
                     recommended=bool(entry.get("recommended")),
-                    current=key == current,
+                    current=key == self.default_model,
                     context_length=entry.get("context_length"),
                     hf_repo=entry.get("hf_repo"),
                     usage=entry.get("usage"),
                     base_model=entry.get("base_model"),
+                    pinned=source.pinned,
+                    reranker=source.reranker,
+                    **main.model_dump(exclude={"id", "purpose"}),
+                    embeddings=self.instance_status(source, "embed") if embeddings else None,
                 )
             )
         return infos
 
-    async def switch_model(self, key: str) -> tuple[str | None, float]:
-        """Swap llama-server to another model once running generations are done.
+    def instance_status(self, source: ModelSource, purpose: Purpose = "generate") -> InstanceStatus:
+        """What the pool knows about one instance of a model, loaded or not (may read the
+        GGUF header for the estimate: call it in a thread)."""
+        instance = self.pool.instances.get(instance_id(source, purpose))
+        if instance is None:
+            return InstanceStatus(
+                id=instance_id(source, purpose),
+                purpose=purpose,
+                state="unloaded",
+                memory_estimate_mb=self.pool.estimate(source, purpose),
+            )
+        manager = instance.manager
+        download = manager.download.model_dump() if manager.download else None
+        return InstanceStatus(
+            id=instance.id,
+            purpose=instance.purpose,
+            state=instance.state,  # type: ignore[arg-type]
+            message=manager.message,
+            download=DownloadInfo(**download) if download else None,
+            pid=manager.pid,
+            port=manager.port,
+            memory_estimate_mb=instance.estimate_mb or self.pool.estimate(source, purpose),
+            memory_measured_mb=instance.measured_mb,
+            in_flight=instance.in_flight,
+            last_used=instance.last_used_wall,
+            restarts=manager.restarts,
+        )
 
-        Fails fast (before stopping anything) for an unknown key, a missing file or a
-        failed download; if the new model does not load, the previous one is brought
-        back."""
+    def resident_status(self) -> list[InstanceStatus]:
+        return [self.instance_status(i.source, i.purpose) for i in self.pool.resident()]
+
+    async def switch_model(self, key: str) -> tuple[str | None, float]:
+        """Make another model the default and load it (making room as any load does).
+
+        Fails fast for an unknown key or a missing file; if the new model does not load,
+        the previous default stays (and is loaded again if it was unloaded for room)."""
         source = await asyncio.to_thread(self._loadable_source, key)
         if source.kind == "huggingface":
             # Downloading first keeps the current model serving meanwhile; only a
-            # complete download stops it, and a failed one leaves it running.
+            # complete download can make it give way, and a failed one leaves it running.
             try:
-                source = await self.manager.download_ahead(source)
+                source = await self.pool.instance(source).manager.download_ahead(source)
             except DownloadFailed as exc:
-                current = self.manager.model
-                still = f"; {current.key} is still serving" if current else ""
-                raise DownloadFailed(f"{exc}{still}") from exc
-        return await self.restart_llama(source)
+                raise DownloadFailed(f"{exc}; {self.default_model} is still serving") from exc
+        async with self._switch_lock:
+            previous = self.default_model
+            previous_source = self.default_instance.source
+            started = time.perf_counter()
+            self.pool.instance(source)
+            self.default_model = key  # requests without a model now wait for this one
+            try:
+                await self.pool.load(source)
+            except (LlamaStartError, LlamaUnavailable, PoolRefused) as exc:
+                self.default_model = previous
+                raise SwitchFailed(f"{exc}; {await self._restore(previous_source)}") from exc
+            return previous, time.perf_counter() - started
+
+    async def _restore(self, source: ModelSource) -> str:
+        if self.pool.instance(source).serving:
+            return f"{source.key} stays the default"
+        try:
+            await self.pool.load(source)
+        except (LlamaStartError, LlamaUnavailable, PoolRefused) as again:
+            return f"restoring {source.key} also failed: {again}"
+        return f"{source.key} was restored"
 
     def _loadable_source(self, key: str) -> ModelSource:
         """The model's source, or why it cannot load (runs in a thread: it stats files)."""
@@ -187,47 +283,49 @@ class Gateway:
             )
         return source
 
-    async def restart_llama(
-        self, source: ModelSource | None = None, **manager_settings: int
-    ) -> tuple[str | None, float]:
-        """Restart llama-server under the exclusive gate, with a new model and/or new
-        manager settings (n_gpu_layers, n_ctx_limit); on failure everything is put back."""
+    async def load_model(self, key: str) -> Instance:
+        source = await asyncio.to_thread(self._loadable_source, key)
+        return await self.pool.load(source)
+
+    async def unload_model(self, key: str) -> list[str]:
+        """Unload every instance of a model (once its requests are done)."""
+        await self.source_for(key)
+        unloaded = []
+        for instance in list(self.pool.instances.values()):
+            if instance.key == key and instance.holds_memory:
+                await self.pool.unload(instance)
+                unloaded.append(instance.id)
+        return unloaded
+
+    async def restart_llama(self, **manager_settings: int) -> None:
+        """Restart every loaded model under the exclusive gate with new manager settings
+        (n_gpu_layers, n_ctx_limit); on failure the old settings are put back."""
         async with self._switch_lock, self.gate.exclusive():
-            previous = self.manager.model
-            old_settings = {name: getattr(self.manager, name) for name in manager_settings}
-            for name, value in manager_settings.items():
-                setattr(self.manager, name, value)
-            started = time.perf_counter()
+            old = {name: getattr(self.pool, name) for name in manager_settings}
             try:
-                await self.manager.restart(source)
+                await self.pool.restart_all(**manager_settings)
             except LlamaStartError as exc:
-                for name, value in old_settings.items():
-                    setattr(self.manager, name, value)
-                if previous is None:
-                    raise SwitchFailed(str(exc)) from exc
                 try:
-                    await self.manager.restart(previous)
+                    await self.pool.restart_all(**old)
                 except LlamaStartError as again:
                     raise SwitchFailed(
-                        f"{exc}; restoring {previous.key} also failed: {again}"
+                        f"{exc}; restoring the settings also failed: {again}"
                     ) from again
-                raise SwitchFailed(f"{exc}; {previous.key} was restored") from exc
-            if source is not None and (previous is None or source.key != previous.key):
-                self.engine.counter.clear()
-            return (previous.key if previous else None), time.perf_counter() - started
+                raise SwitchFailed(f"{exc}; the previous settings were restored") from exc
 
     # --- chat ------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def generation(self) -> AsyncIterator[None]:
+    async def generation(
+        self, source: ModelSource, purpose: Purpose = "generate"
+    ) -> AsyncIterator[Instance]:
         """Admission for anything that generates: a queue place, no switch running, and
-        llama-server serving (waiting, bounded, while it loads or restarts)."""
-        async with self.gate.generation():
-            await self.manager.wait_until_serving(self.settings.switch_wait_s)
-            yield
+        the model's instance serving (loaded first, and waited for, bounded)."""
+        async with self.gate.generation(), self.pool.use(source, purpose) as instance:
+            yield instance
 
-    def token_budget(self, max_tokens: int) -> int:
-        n_ctx = self.manager.n_ctx
+    def token_budget(self, source: ModelSource, max_tokens: int) -> int:
+        n_ctx = self.pool.n_ctx_for(source)
         if max_tokens >= n_ctx:
             raise BadRequest(
                 f"max_tokens={max_tokens} leaves no room for the conversation in a "
@@ -242,9 +340,9 @@ class Gateway:
 
     async def start_chat(self, request: ChatRequest) -> RunningTurn:
         """Admit and start a /chat turn; rejections (4xx, 429, 503) raise before it runs."""
-        budget = self.token_budget(request.max_tokens or GENERATION_DEFAULTS["max_tokens"])
+        max_tokens = request.max_tokens or GENERATION_DEFAULTS["max_tokens"]
 
-        async def build(stored: StoredConversation) -> tuple[TurnRecord, AsyncIterator[Event]]:
+        async def build(stored: StoredConversation, engine: ChatEngine, n_budget: int) -> Built:
             incoming = [m.model_dump(exclude_none=True) for m in request.messages]
             merged = merge_messages(stored.messages, incoming)
             if not merged.new_messages:
@@ -253,18 +351,18 @@ class Gateway:
             record = self._record(request.conversation_id, stored, len(stored.messages), own)
             record.retire(stored.pending, SUPERSEDED_BY_MESSAGE, answer=True)
             record.add_input(merged.new_messages)
-            return record, await self._generate(record, request, budget)
+            return record, await self._generate(engine, record, request, n_budget)
 
-        return await self._begin(request.conversation_id, build)
+        return await self._begin(request.conversation_id, request.model, max_tokens, build)
 
     async def start_regeneration(
         self, conversation_id: str, request: GenerationOptions
     ) -> RunningTurn:
         """Answer the last user message again, replacing the answer (and its tool calls)
         that followed it; the old answer stays if the new one fails before any output."""
-        budget = self.token_budget(request.max_tokens or GENERATION_DEFAULTS["max_tokens"])
+        max_tokens = request.max_tokens or GENERATION_DEFAULTS["max_tokens"]
 
-        async def build(stored: StoredConversation) -> tuple[TurnRecord, AsyncIterator[Event]]:
+        async def build(stored: StoredConversation, engine: ChatEngine, n_budget: int) -> Built:
             if not stored.exists:
                 raise ConversationNotFound(f"no conversation {conversation_id!r}")
             users = [i for i, m in enumerate(stored.messages) if m.get("role") == "user"]
@@ -273,46 +371,59 @@ class Gateway:
             own = request.system_prompt or stored.system_prompt
             record = self._record(conversation_id, stored, users[-1] + 1, own)
             record.retire(stored.pending, SUPERSEDED_BY_REGENERATION, answer=False)
-            return record, await self._generate(record, request, budget)
+            return record, await self._generate(engine, record, request, n_budget)
 
-        return await self._begin(conversation_id, build)
+        return await self._begin(conversation_id, request.model, max_tokens, build)
 
     async def start_approval(self, request: ApprovalRequest) -> RunningTurn:
         """Resume a turn paused for approval, with the person's decision."""
         conversation_id = request.conversation_id
+        # The paused turn's own max_tokens applies; it is read with the approval.
+        pending = await self._pending(conversation_id, request.approval_id)
+        max_tokens = int(pending.state["options"]["sampling"]["max_tokens"])
 
-        async def build(stored: StoredConversation) -> tuple[TurnRecord, AsyncIterator[Event]]:
-            wanted = request.approval_id
-            pending = next((p for p in stored.pending if p.approval_id == wanted), None)
-            if pending is None:
-                raise ApprovalGone(
-                    f"no pending approval {request.approval_id!r} in conversation "
-                    f"{conversation_id!r} (already decided, superseded by a new message, "
-                    "or never asked)"
-                )
-            options = pending.state["options"]
-            budget = self.token_budget(int(options["sampling"]["max_tokens"]))
+        async def build(stored: StoredConversation, engine: ChatEngine, n_budget: int) -> Built:
+            current = await self._pending(conversation_id, request.approval_id, stored)
             record = TurnRecord(
                 conversation_id=conversation_id,
                 stored=stored.messages,
                 keep=len(stored.messages),
-                system_prompt=options["system_prompt"],
+                system_prompt=current.state["options"]["system_prompt"],
                 own_prompt=stored.system_prompt,
             )
-            events = self.engine.resume(record, pending, request.approve, request.stream, budget)
+            events = engine.resume(record, current, request.approve, request.stream, n_budget)
             return record, events
 
-        return await self._begin(conversation_id, build)
+        return await self._begin(conversation_id, None, max_tokens, build)
 
-    async def _begin(self, conversation_id: str, build: TurnBuilder) -> RunningTurn:
-        """Wait for the conversation, take an admission place, read the conversation and
-        build the turn; the turn then owns the lock and the place until it is stored."""
+    async def _pending(
+        self, conversation_id: str, approval_id: str, stored: StoredConversation | None = None
+    ) -> PendingApproval:
+        stored = stored or await self.store.load_conversation(conversation_id)
+        pending = next((p for p in stored.pending if p.approval_id == approval_id), None)
+        if pending is None:
+            raise ApprovalGone(
+                f"no pending approval {approval_id!r} in conversation {conversation_id!r} "
+                "(already decided, superseded by a new message, or never asked)"
+            )
+        return pending
+
+    async def _begin(
+        self, conversation_id: str, requested_model: str | None, max_tokens: int, build: TurnBuilder
+    ) -> RunningTurn:
+        """Wait for the conversation, read it, choose its model (the one the request names,
+        else the conversation's, else the default), take an admission place with that model
+        serving, and build the turn; the turn then owns the lock and the place until it is
+        stored."""
         resources = contextlib.AsyncExitStack()
         try:
             await resources.enter_async_context(self.conversation_locks.hold(conversation_id))
-            await resources.enter_async_context(self.generation())
             stored = await self.store.load_conversation(conversation_id)
-            record, events = await build(stored)
+            source = await self.source_for(requested_model or stored.model_key)
+            n_budget = self.token_budget(source, max_tokens)
+            instance = await resources.enter_async_context(self.generation(source))
+            record, events = await build(stored, self.engine_for(instance), n_budget)
+            record.model_key = instance.key
         except BaseException:
             await resources.aclose()
             raise
@@ -337,13 +448,13 @@ class Gateway:
         )
 
     async def _generate(
-        self, record: TurnRecord, request: GenerationOptions, budget: int
+        self, engine: ChatEngine, record: TurnRecord, request: GenerationOptions, n_budget: int
     ) -> AsyncIterator[Event]:
         """The agent loop for a new answer, after checking what would only fail later: a
         conversation that cannot fit, a forced tool that does not exist."""
         opts = self._options(record, request)
-        await self.engine.prompt(record, opts, budget)
-        return self.engine.run(record, opts, TurnStats(), budget)
+        await engine.prompt(record, opts, n_budget)
+        return engine.run(record, opts, TurnStats(), n_budget)
 
     def _options(self, record: TurnRecord, request: GenerationOptions) -> TurnOptions:
         sampling = {
@@ -382,19 +493,11 @@ class Gateway:
             deleted = await self.store.delete_conversation(conversation_id)
         return deleted or running is not None
 
-    def chat_extras(self, conversation_id: str) -> dict[str, Any]:
+    def chat_extras(self, model_key: str | None, conversation_id: str) -> dict[str, Any]:
+        """What a chat response says about where it ran."""
+        instance = self.pool.instances.get(model_key or self.default_model)
         return {
             "conversation_id": conversation_id,
-            "model_key": self.manager.model_key,
-            "device": self.manager.device,
+            "model_key": model_key or self.default_model,
+            "device": instance.manager.device if instance else "CPU",
         }
-
-    # --- pass-through ----------------------------------------------------------------
-
-    def upstream_request(self, method: str, path: str, body: bytes) -> httpx.Request:
-        return self.http.build_request(
-            method,
-            f"{self.settings.llama_base_url}{path}",
-            content=body,
-            headers={"content-type": "application/json"},
-        )

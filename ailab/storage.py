@@ -87,6 +87,8 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE tool_audit ADD COLUMN server TEXT;
     ALTER TABLE tool_audit ADD COLUMN result_chars INTEGER;
     """,
+    # The model a conversation runs on; NULL (older conversations) means the default.
+    "ALTER TABLE conversations ADD COLUMN model_key TEXT",
 )
 
 
@@ -177,6 +179,7 @@ class TurnCommit(BaseModel):
     messages: list[dict[str, Any]]
     system_prompt: str | None = None  # the conversation's own prompt (None: the default)
     used_system_prompt: str | None = None  # the prompt this turn was generated with
+    model_key: str | None = None  # the model the turn ran on: the conversation's from now on
     pending: PendingApproval | None = None
     dropped_approvals: list[str] = Field(default_factory=list)
     audit: list[AuditUpdate] = Field(default_factory=list)
@@ -188,6 +191,7 @@ class StoredConversation:
     messages: list[dict[str, Any]]
     system_prompt: str | None
     used_system_prompt: str | None
+    model_key: str | None  # None: never answered yet, or older than the model pool
     pending: list[PendingApproval]
 
 
@@ -309,7 +313,8 @@ class Store:
         """Everything a turn starts from, read at once."""
         with self._lock:
             row = self._conn.execute(
-                "SELECT system_prompt, used_system_prompt FROM conversations WHERE id = ?",
+                "SELECT system_prompt, used_system_prompt, model_key FROM conversations "
+                "WHERE id = ?",
                 (conversation_id,),
             ).fetchone()
             pending = self._conn.execute(
@@ -322,6 +327,7 @@ class Store:
             messages=messages,
             system_prompt=row["system_prompt"] if row else None,
             used_system_prompt=row["used_system_prompt"] if row else None,
+            model_key=row["model_key"] if row else None,
             pending=[PendingApproval.model_validate_json(p["payload"]) for p in pending],
         )
 
@@ -342,10 +348,12 @@ class Store:
                 )
             conn.execute(
                 "INSERT INTO conversations (id, created_at, updated_at, system_prompt, "
-                "used_system_prompt) VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
-                "updated_at = excluded.updated_at, system_prompt = excluded.system_prompt, "
-                "used_system_prompt = excluded.used_system_prompt",
-                (cid, now, now, commit.system_prompt, commit.used_system_prompt),
+                "used_system_prompt, model_key) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET updated_at = excluded.updated_at, "
+                "system_prompt = excluded.system_prompt, "
+                "used_system_prompt = excluded.used_system_prompt, "
+                "model_key = COALESCE(excluded.model_key, model_key)",
+                (cid, now, now, commit.system_prompt, commit.used_system_prompt, commit.model_key),
             )
             conn.execute(
                 "DELETE FROM messages WHERE conversation_id = ? AND position >= ?", (cid, keep)
@@ -382,6 +390,22 @@ class Store:
             _retire_pending(conn, conversation_id, "the conversation was deleted")
             deleted = conn.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
         return deleted.rowcount > 0
+
+    def get_conversation_model(self, conversation_id: str) -> str | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT model_key FROM conversations WHERE id = ?", (conversation_id,)
+            ).fetchone()
+        return row["model_key"] if row else None
+
+    def set_conversation_model(self, conversation_id: str, model_key: str) -> None:
+        now = _iso(utc_now())
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT INTO conversations (id, created_at, updated_at, model_key) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET model_key = excluded.model_key",
+                (conversation_id, now, now, model_key),
+            )
 
     def list_conversations(self) -> list[ConversationSummary]:
         with self._lock:
@@ -597,6 +621,12 @@ class AsyncStore:
 
     async def delete_conversation(self, conversation_id: str) -> bool:
         return await self._run(self._store.delete_conversation, conversation_id)
+
+    async def get_conversation_model(self, conversation_id: str) -> str | None:
+        return await self._run(self._store.get_conversation_model, conversation_id)
+
+    async def set_conversation_model(self, conversation_id: str, model_key: str) -> None:
+        await self._run(self._store.set_conversation_model, conversation_id, model_key)
 
     async def list_conversations(self) -> list[ConversationSummary]:
         return await self._run(self._store.list_conversations)

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 import requests
 from conftest import GatewayProcess
 
@@ -67,16 +68,26 @@ def test_switching_to_a_model_whose_file_is_missing_is_400(make_gateway, tmp_pat
     assert requests.get(f"{server.url}/health", timeout=5).json()["status"] == "ok"
 
 
-def test_a_model_that_fails_to_load_brings_the_previous_back(make_gateway, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(
+    ("max_models", "outcome"),
+    [("1", "smollm2-135m was restored"), ("3", "smollm2-135m stays the default")],
+)
+def test_a_model_that_fails_to_load_brings_the_previous_back(  # type: ignore[no-untyped-def]
+    make_gateway, tmp_path: Path, max_models: str, outcome: str
+) -> None:
+    """With room for one model the old one is unloaded first and loaded again, as before
+    the pool; with room for more it never leaves."""
     broken = tmp_path / "models"
     broken.mkdir()
     (broken / "broken.gguf").write_bytes(b"this is not a gguf file" * 100)
     extra = tmp_path / "extra.json"
     extra.write_text(json.dumps({"broken": {"filename": str(broken / "broken.gguf")}}))
-    server: GatewayProcess = make_gateway({"AILAB_EXTRA_MODELS": str(extra)})
+    server: GatewayProcess = make_gateway(
+        {"AILAB_EXTRA_MODELS": str(extra), "AILAB_MAX_LOADED_MODELS": max_models}
+    )
     reply = requests.post(f"{server.url}/model/switch", json={"model_key": "broken"}, timeout=120)
     assert reply.status_code == 500
-    assert "smollm2-135m was restored" in reply.json()["detail"]
+    assert outcome in reply.json()["detail"]
     health = requests.get(f"{server.url}/health", timeout=5).json()
     assert (health["status"], health["model_key"]) == ("ok", "smollm2-135m")
 

@@ -176,6 +176,9 @@ MODELS = {
             "is_finetuned": False,
             "recommended": True,
             "current": True,
+            "state": "ready",
+            "memory_measured_mb": 221.4,
+            "in_flight": 2,
         },
         {
             "key": "gemma3-270m",
@@ -185,6 +188,16 @@ MODELS = {
             "is_finetuned": False,
             "recommended": False,
             "current": False,
+            "state": "downloading",
+            "download": {"percent": 42.0},
+            "memory_estimate_mb": 355.4,
+        },
+        {
+            "key": "broken",
+            "name": "Broken",
+            "exists": True,
+            "state": "failed",
+            "message": "llama-server exited with code 1",
         },
     ],
 }
@@ -741,6 +754,9 @@ def test_the_picker_shows_the_models_and_switches_to_the_choice(fake: FakeGatewa
     screen = make_screen(fake.url, answers=["9", "2"])
     screen.ui.pick_model()
     assert "SmolLM2" in screen.text and "95.0 MB" in screen.text
+    assert "ready" in screen.text and "221 MB" in screen.text  # measured
+    assert "downloading 42%" in screen.text and "~355 MB" in screen.text  # estimated
+    assert "failed: llama-server exited with code 1" in screen.text
     assert "No model '9'" in screen.text
     assert fake.sent("POST", "/model/switch")[0].body == {"model_key": "gemma3-270m"}
 

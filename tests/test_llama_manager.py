@@ -112,8 +112,8 @@ def _port_open(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_llama_server_output_goes_to_a_log_under_the_data_dir(gateway: GatewayProcess) -> None:
-    log = gateway.data_dir / "logs" / "llama-server.log"
+def test_each_models_llama_server_output_goes_to_its_own_log(gateway: GatewayProcess) -> None:
+    log = gateway.data_dir / "logs" / "llama-server-smollm2-135m.log"
     text = wait_for(lambda: log.exists() and "starting:" in log.read_text() and log.read_text())
     assert "--metrics" in text and "-ngl" in text
 
@@ -186,6 +186,8 @@ def test_a_switch_downloads_first_while_the_current_model_keeps_serving(
         )
         switching.start()
         progress = wait_for(lambda: _download_progress(server, "ok"), timeout=30, interval=0.05)
+        listed = wait_for(lambda: _listed_progress(server), timeout=30, interval=0.05)
+        assert listed["filename"] == "smol-Q4_1.gguf"  # /models shows it under the model
         chat = requests.post(
             f"{server.url}/chat",
             json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
@@ -238,6 +240,12 @@ def test_the_port_opens_while_the_first_model_downloads(
         assert "still downloading" in waited.json()["detail"]
     health = server.wait_healthy(120)
     assert health["model_key"] == "hf-smol"
+
+
+def _listed_progress(server: GatewayProcess) -> dict | None:
+    models = requests.get(f"{server.url}/models", timeout=2).json()["models"]
+    download = next(m for m in models if m["key"] == "hf-smol")["download"]
+    return download if download and download["downloaded_bytes"] > 0 else None
 
 
 def _download_progress(server: GatewayProcess, status: str) -> dict | None:

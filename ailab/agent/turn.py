@@ -54,6 +54,7 @@ class TurnRecord:
     keep: int  # stored messages that stay; fewer when an answer is regenerated
     system_prompt: str  # the prompt this turn is generated with
     own_prompt: str | None  # the conversation's own prompt (None: the default applies)
+    model_key: str | None = None  # the model generating this turn
     messages: list[Message] = field(default_factory=list)
     partial: list[str] = field(default_factory=list)  # the current model call's deltas
     pending: PendingApproval | None = None
@@ -119,6 +120,7 @@ class TurnRecord:
             messages=self.messages,
             system_prompt=self.own_prompt,
             used_system_prompt=self.system_prompt,
+            model_key=self.model_key,
             pending=self.pending,
             dropped_approvals=self.dropped_approvals,
             audit=self.audit,

@@ -19,14 +19,13 @@ from typing import Any
 import httpx
 import uvicorn
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sse_starlette import EventSourceResponse
-from starlette.types import Receive, Scope, Send
 
 from ailab import exports
 from ailab.agent.engine import TurnStats
-from ailab.agent.turn import Event, RunningTurn
-from ailab.api import security
+from ailab.agent.turn import RunningTurn
+from ailab.api import llama_routes, security
 from ailab.api.schemas import (
     ApprovalRequest,
     AuditResponse,
@@ -40,11 +39,14 @@ from ailab.api.schemas import (
     DownloadInfo,
     GenerationOptions,
     HealthResponse,
+    LoadResponse,
+    ModelRequest,
     ModelsResponse,
     PublicHealthResponse,
     StatusResponse,
     SwitchRequest,
     SwitchResponse,
+    UnloadResponse,
 )
 from ailab.commands import COMMANDS
 from ailab.config import ConfigError, Settings, load_settings
@@ -52,7 +54,8 @@ from ailab.errors import AilabError, described, json_body, sse_event
 from ailab.gateway import Gateway
 from ailab.mcp import server as mcp_server
 from ailab.storage import StorageError
-from ailab.upstream import binaries, proxy
+from ailab.upstream import binaries
+from ailab.upstream.supervisor import ManagerState
 
 log = logging.getLogger("ailab.server")
 
@@ -80,7 +83,7 @@ def create_app(settings: Settings, binary: Path) -> FastAPI:
     _add_status_routes(app, gateway)
     _add_chat_routes(app, gateway)
     _add_conversation_routes(app, gateway)
-    _add_openai_routes(app, gateway)
+    llama_routes.add_routes(app, gateway)
     mcp_server.mount(app, gateway)
     return app
 
@@ -103,14 +106,23 @@ def _add_status_routes(app: FastAPI, gw: Gateway) -> None:
     @app.get("/health", response_model=HealthResponse | PublicHealthResponse)
     async def health() -> JSONResponse:
         manager = gw.manager
-        status = 200 if manager.health_status == "ok" else 503
+        health_status = manager.health_status
+        if manager.state == ManagerState.STOPPED:
+            # The default model unloaded for idling or for room is not a fault (the next
+            # request loads it again); before its first load has begun, it is loading.
+            health_status = "loading" if gw.starting else "ok"
+        status = 200 if health_status == "ok" else 503
         if not security.current_caller().authorized:
             # Open without a key so monitors work; the details are for key holders.
-            public = PublicHealthResponse(status=manager.health_status)  # type: ignore[arg-type]
+            public = PublicHealthResponse(status=health_status)  # type: ignore[arg-type]
             return JSONResponse(public.model_dump(), status_code=status)
-        download = manager.download.model_dump() if manager.download else None
+        # A switch downloads into the new model's instance while the default serves.
+        downloading = [i.manager.download for i in gw.pool.instances.values()]
+        progress = manager.download or next((d for d in downloading if d), None)
+        download = progress.model_dump() if progress else None
+        residents = await asyncio.to_thread(gw.resident_status)
         body = HealthResponse(
-            status=manager.health_status,  # type: ignore[arg-type]
+            status=health_status,  # type: ignore[arg-type]
             model_key=manager.model_key,
             model_name=manager.model.name if manager.model else None,
             device=manager.device,
@@ -119,16 +131,34 @@ def _add_status_routes(app: FastAPI, gw: Gateway) -> None:
             uptime_s=manager.uptime_s,
             message=manager.message,
             download=DownloadInfo(**download) if download else None,
-            n_ctx=manager.n_ctx,
+            n_ctx=gw.pool.n_ctx_for(gw.default_instance.source),
             parallel=gw.settings.parallel,
+            memory_budget_mb=gw.pool.budget_mb,
+            memory_used_mb=round(sum(i.cost_mb for i in gw.pool.resident()), 1),
+            max_loaded_models=gw.pool.max_models,
+            models=residents,
         )
         return JSONResponse(body.model_dump(), status_code=status)
 
     @app.get("/models", response_model=ModelsResponse)
     async def models() -> ModelsResponse:
         infos = await asyncio.to_thread(gw.list_models)
-        current = gw.manager.model_key
-        return ModelsResponse(current=current, models=infos)
+        return ModelsResponse(
+            current=gw.default_model,
+            memory_budget_mb=gw.pool.budget_mb,
+            max_loaded_models=gw.pool.max_models,
+            models=infos,
+        )
+
+    @app.post("/models/load", response_model=LoadResponse)
+    async def load_model(request: ModelRequest) -> LoadResponse:
+        instance = await gw.load_model(request.model)
+        status = await asyncio.to_thread(gw.instance_status, instance.source, instance.purpose)
+        return LoadResponse(status="ok", model=status)
+
+    @app.post("/models/unload", response_model=UnloadResponse)
+    async def unload_model(request: ModelRequest) -> UnloadResponse:
+        return UnloadResponse(status="ok", unloaded=await gw.unload_model(request.model))
 
     @app.post("/model/switch", response_model=SwitchResponse)
     async def switch(request: SwitchRequest) -> SwitchResponse:
@@ -202,23 +232,23 @@ async def _respond(gw: Gateway, turn: RunningTurn, conversation_id: str, stream:
     """The turn was admitted: stream its events, or collect them into one response. The
     model that served it is named at its end (a switch may run meanwhile)."""
     if stream:
-        return EventSourceResponse(_sse(gw, turn.events(), conversation_id), ping=15)
+        return EventSourceResponse(_sse(gw, turn, conversation_id), ping=15)
     final: dict[str, Any] = {}
     async for name, data in turn.events():
         if name == "done":
             final = data
-    return JSONResponse(ChatResponse(**final, **gw.chat_extras(conversation_id)).model_dump())
+    extras = gw.chat_extras(turn.record.model_key, conversation_id)
+    return JSONResponse(ChatResponse(**final, **extras).model_dump())
 
 
-async def _sse(
-    gw: Gateway, events: AsyncIterator[Event], conversation_id: str
-) -> AsyncIterator[dict]:
+async def _sse(gw: Gateway, turn: RunningTurn, conversation_id: str) -> AsyncIterator[dict]:
     """Events as SSE; a failure mid-stream becomes an `error` event and a clean close.
     A client that disconnects cancels this generator, which stops the turn."""
     try:
-        async for name, data in events:
+        async for name, data in turn.events():
             if name == "done":
-                data = ChatResponse(**data, **gw.chat_extras(conversation_id)).model_dump()
+                extras = gw.chat_extras(turn.record.model_key, conversation_id)
+                data = ChatResponse(**data, **extras).model_dump()
             yield {"event": name, "data": json.dumps(data)}
     except Exception as exc:  # the 200 is sent; the reason must still reach the client
         if not isinstance(exc, AilabError | httpx.HTTPError):
@@ -290,76 +320,6 @@ async def _export_response(
     )
     media = "application/json" if fmt == "json" else "text/plain"
     return PlainTextResponse(body, media_type=media)
-
-
-# --- OpenAI-compatible pass-through ------------------------------------------------------
-
-
-def _add_openai_routes(app: FastAPI, gw: Gateway) -> None:
-    async def forward(request: Request, path: str) -> Response:
-        body = await request.body()
-        wants_stream = False
-        if request.method == "POST":
-            try:
-                wants_stream = bool(json.loads(body).get("stream"))
-            except (ValueError, AttributeError):
-                raise HTTPException(400, "the request body must be a JSON object") from None
-        upstream_request = gw.upstream_request(request.method, path, body)
-        if wants_stream:
-            return await _forward_stream(gw, upstream_request)
-        async with gw.generation():
-            try:
-                response = await proxy.send(gw.http, upstream_request)
-            except httpx.HTTPError as exc:
-                raise proxy.UpstreamError(f"llama-server is not reachable: {exc}", 503) from exc
-        return Response(
-            response.content,
-            status_code=response.status_code,
-            media_type=response.headers.get("content-type", "application/json"),
-        )
-
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
-        app.add_api_route(path, _bind(forward, path), methods=["POST"])
-    app.add_api_route("/v1/models", _bind(forward, "/v1/models"), methods=["GET"])
-
-
-def _bind(forward: Any, path: str) -> Any:
-    async def endpoint(request: Request) -> Response:
-        return await forward(request, path)
-
-    endpoint.__name__ = "proxy_" + path.strip("/").replace("/", "_")
-    return endpoint
-
-
-class _ProxiedStream(StreamingResponse):
-    """llama-server's SSE bytes, passed through as they arrive. The admission slot and the
-    upstream stream are released when the response ends, however it ends."""
-
-    def __init__(self, upstream_response: httpx.Response, resources: contextlib.AsyncExitStack):
-        super().__init__(
-            upstream_response.aiter_raw(),
-            status_code=upstream_response.status_code,
-            media_type=upstream_response.headers.get("content-type", "text/event-stream"),
-        )
-        self._resources = resources
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with self._resources:
-            await super().__call__(scope, receive, send)
-
-
-async def _forward_stream(gw: Gateway, request: httpx.Request) -> Response:
-    resources = contextlib.AsyncExitStack()
-    try:
-        await resources.enter_async_context(gw.generation())
-        response = await resources.enter_async_context(proxy.stream(gw.http, request))
-    except httpx.HTTPError as exc:
-        await resources.aclose()
-        raise proxy.UpstreamError(f"llama-server is not reachable: {exc}", 503) from exc
-    except BaseException:
-        await resources.aclose()
-        raise
-    return _ProxiedStream(response, resources)
 
 
 # --- entry point -------------------------------------------------------------------------

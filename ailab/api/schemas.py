@@ -36,6 +36,12 @@ class GenerationOptions(BaseModel):
     system_prompt: str | None = Field(
         None, description="The conversation's own system prompt from this turn on."
     )
+    model: str | None = Field(
+        None,
+        min_length=1,
+        description="Model key; a new conversation without one takes the default, an "
+        "existing one keeps its model. Naming a model moves the conversation to it.",
+    )
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     max_tokens: int | None = Field(None, ge=1)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -116,7 +122,29 @@ class PublicHealthResponse(BaseModel):
     status: Literal["ok", "loading", "restarting", "error"]
 
 
+InstanceState = Literal["unloaded", "downloading", "loading", "ready", "unloading", "failed"]
+
+
+class InstanceStatus(BaseModel):
+    """One model instance in the pool: its state and what it costs."""
+
+    id: str
+    purpose: Literal["generate", "embed", "rerank"]
+    state: InstanceState
+    message: str | None = None  # why it failed, or what it is doing
+    download: DownloadInfo | None = None
+    pid: int | None = None
+    port: int | None = None
+    memory_estimate_mb: float | None = None
+    memory_measured_mb: float | None = None
+    in_flight: int = 0
+    last_used: float | None = None  # Unix time of the last request's end
+    restarts: int = 0
+
+
 class HealthResponse(BaseModel):
+    """Top-level fields describe the default model; ``models`` every resident instance."""
+
     status: Literal["ok", "loading", "restarting", "error"]
     model_key: str | None
     model_name: str | None
@@ -128,6 +156,10 @@ class HealthResponse(BaseModel):
     download: DownloadInfo | None
     n_ctx: int
     parallel: int
+    memory_budget_mb: float
+    memory_used_mb: float
+    max_loaded_models: int
+    models: list[InstanceStatus]
 
 
 class ModelInfo(BaseModel):
@@ -143,11 +175,40 @@ class ModelInfo(BaseModel):
     hf_repo: str | None
     usage: str | None
     base_model: str | None
+    pinned: bool
+    reranker: bool
+    state: InstanceState
+    message: str | None
+    download: DownloadInfo | None
+    pid: int | None
+    port: int | None
+    memory_estimate_mb: float | None
+    memory_measured_mb: float | None
+    in_flight: int
+    last_used: float | None
+    restarts: int
+    embeddings: InstanceStatus | None = None
 
 
 class ModelsResponse(BaseModel):
     current: str | None
+    memory_budget_mb: float
+    max_loaded_models: int
     models: list[ModelInfo]
+
+
+class ModelRequest(BaseModel):
+    model: str = Field(..., min_length=1, description="Model key, as /models lists it")
+
+
+class LoadResponse(BaseModel):
+    status: Literal["ok"]
+    model: InstanceStatus
+
+
+class UnloadResponse(BaseModel):
+    status: Literal["ok"]
+    unloaded: list[str]
 
 
 class SwitchRequest(BaseModel):

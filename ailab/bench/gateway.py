@@ -160,6 +160,7 @@ class Bench:
     cpu_rows: list[Row] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
     rss_samples_mb: list[float] = field(default_factory=list)
+    pool_rows: list[Any] = field(default_factory=list)  # bench/pool.py's PoolRow
 
     def __post_init__(self) -> None:
         self.bare_client = keyed_client(self.bare_key)
@@ -255,7 +256,9 @@ def started_llama(
 
 
 @contextlib.contextmanager
-def started_gateway(binary: Path, model_key: str, data_dir: Path) -> Iterator[tuple[str, int]]:
+def started_gateway(
+    binary: Path, model_key: str, data_dir: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[tuple[str, int]]:
     port = free_port()
     inherited = {
         name: value
@@ -269,6 +272,7 @@ def started_gateway(binary: Path, model_key: str, data_dir: Path) -> Iterator[tu
         "AILAB_DATA_DIR": str(data_dir),
         "LLAMA_SERVER_PATH": str(binary),
         "AILAB_DEFAULT_MODEL": model_key,
+        **(extra_env or {}),
     }
     python = PROJECT_DIR / ".venv" / "bin" / "python"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -792,11 +796,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--switch-model", default="gemma3-270m", help="model key to switch to")
     parser.add_argument("--llama-server", type=Path, help="llama-server binary to use")
     parser.add_argument("--no-switch", action="store_true", help="skip the model-switch phase")
+    parser.add_argument("--no-pool", action="store_true", help="skip the model-pool phase")
+    parser.add_argument("--pool-only", action="store_true", help="run only the model-pool phase")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON goes")
     return parser.parse_args(argv)
 
 
 def run_phases(bench: Bench, args: argparse.Namespace, log_dir: Path) -> None:
+    from ailab.bench.pool import phase_pool
+
     phases: list[tuple[str, Callable[[], None]]] = [
         ("non-streamed latency", lambda: phase_non_streamed(bench)),
         ("time to first token", lambda: phase_ttft(bench)),
@@ -805,6 +813,11 @@ def run_phases(bench: Bench, args: argparse.Namespace, log_dir: Path) -> None:
     ]
     if not args.no_switch:
         phases.append(("model switch", lambda: phase_switch(bench, log_dir)))
+    pool_phase = ("model pool", lambda: bench.pool_rows.extend(phase_pool(bench, log_dir)))
+    if args.pool_only:
+        phases = [pool_phase]
+    elif not args.no_pool:
+        phases.append(pool_phase)
     for name, phase in phases:
         started = time.perf_counter()
         with console.status(f"measuring {name}..."):
@@ -832,7 +845,12 @@ def start_sides(
     if args.gateway_url:
         return bare_url, args.gateway_url.rstrip("/"), pid_listening_on(args.gateway_url)
     assert binary is not None
-    gateway_url, pid = stack.enter_context(started_gateway(binary, args.model, log_dir / "data"))
+    # Room for one model: the switch phase measures a swap against a bare cold start, as
+    # before the pool (with room for two, a switch back would find the model loaded).
+    one_model = {"AILAB_MAX_LOADED_MODELS": "1"}
+    gateway_url, pid = stack.enter_context(
+        started_gateway(binary, args.model, log_dir / "data", one_model)
+    )
     return bare_url, gateway_url, pid
 
 
@@ -866,10 +884,18 @@ def main(argv: list[str] | None = None) -> int:
         run_phases(bench, args, log_dir)
         bench.raw["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
     print_table(bench.rows, f"AI Lab gateway vs bare llama-server ({args.model})")
+    from ailab.bench.pool import print_pool_table
+
+    if bench.pool_rows:
+        print_pool_table(bench.pool_rows)
     path = write_json(bench, started_at, args.quick, args.out)
     console.print(f"results written to {path}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module, not this __main__ copy: bench/pool.py imports it, and the
+    # two would otherwise be two modules with two consoles.
+    from ailab.bench import gateway
+
+    sys.exit(gateway.main())

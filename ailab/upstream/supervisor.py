@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import time
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO
@@ -152,9 +153,13 @@ class LlamaServerManager:
         http: httpx.AsyncClient,
         transport: httpx.AsyncHTTPTransport,
         api_key: str,
+        port: int | None = None,
+        log_name: str = "llama-server.log",
+        clean_stale: bool = True,
     ) -> None:
         self.settings = settings
         self._api_key = api_key
+        self.port = port or settings.llama_port
         self.binary = binary
         self.http = http
         self.transport = transport
@@ -171,10 +176,12 @@ class LlamaServerManager:
         self._log_keeper: asyncio.Task[None] | None = None
         self._settled = asyncio.Event()  # set in a state that will not change by itself
         self._settled.set()
-        self._stale_checked = False
+        # A pool cleans up once for all its processes, before any of them starts.
+        self._stale_checked = not clean_stale
         self._watchdog: asyncio.Task[None] | None = None
         self._lifecycle = asyncio.Lock()
-        self.log_path = settings.log_dir / "llama-server.log"
+        self.log_path = settings.log_dir / log_name
+        self.on_state: Callable[[], None] | None = None  # told after every transition
 
     # --- reporting -----------------------------------------------------------------
 
@@ -212,18 +219,21 @@ class LlamaServerManager:
 
     @property
     def base_url(self) -> str:
-        return self.settings.llama_base_url
+        return f"http://{self.settings.llama_host}:{self.port}"
 
     def _set_state(self, new: ManagerState, message: str | None = None) -> None:
         if new != self.state and new not in ALLOWED_TRANSITIONS[self.state]:
             raise RuntimeError(f"illegal supervisor transition {self.state} -> {new}")
-        log.info("llama-server %s -> %s%s", self.state, new, f": {message}" if message else "")
+        name = self.model.key if self.model else "llama-server"
+        log.info("%s %s -> %s%s", name, self.state, new, f": {message}" if message else "")
         self.state = new
         self.message = message
         if new in SETTLED_STATES:
             self._settled.set()
         else:
             self._settled.clear()
+        if self.on_state is not None:
+            self.on_state()
 
     # --- public lifecycle ------------------------------------------------------------
 
@@ -280,12 +290,14 @@ class LlamaServerManager:
         path = await self._ensure_local_file(source)
         self._set_state(ManagerState.STARTING, f"loading {source.key}")
         if not self._stale_checked:
-            await asyncio.to_thread(self._cleanup_stale_processes)
+            await asyncio.to_thread(
+                cleanup_stale_processes, self.settings.data_dir, {self.pid} - {None}
+            )
             self._stale_checked = True
-        owner = await asyncio.to_thread(_port_owner, self.settings.llama_port)
+        owner = await asyncio.to_thread(_port_owner, self.port)
         if owner:
             self._fail(
-                f"port {self.settings.llama_port} is already in use by {owner}; "
+                f"port {self.port} is already in use by {owner}; "
                 "set AILAB_LLAMA_PORT to a free port or stop that process"
             )
         await self._spawn(path, source)
@@ -342,7 +354,7 @@ class LlamaServerManager:
             source,
             path,
             settings=self.settings,
-            port=self.settings.llama_port,
+            port=self.port,
             n_ctx=self.n_ctx,
             n_gpu_layers=self.n_gpu_layers,
         )
@@ -457,24 +469,24 @@ class LlamaServerManager:
             process.kill()
             await process.wait()
 
-    # --- stale processes from an earlier gateway -------------------------------------
 
-    def _cleanup_stale_processes(self) -> None:
-        """Kill llama-servers that an earlier run of *this* gateway left behind."""
-        owner = str(self.settings.data_dir.resolve())
-        for proc in psutil.process_iter(["pid", "name"]):
-            if self._process and proc.pid == self._process.pid:
+def cleanup_stale_processes(data_dir: Path, keep: set[int]) -> None:
+    """Kill llama-servers that an earlier run of *this* gateway (same data directory)
+    left behind; never one in ``keep`` or anybody else's."""
+    owner = str(data_dir.resolve())
+    for proc in psutil.process_iter(["pid", "name"]):
+        if proc.pid in keep:
+            continue
+        try:
+            if "llama-server" not in (proc.info["name"] or ""):
                 continue
+            if proc.environ().get(OWNER_ENV) != owner:
+                continue
+            log.warning("stopping stale llama-server pid %s left by an earlier run", proc.pid)
+            proc.terminate()
             try:
-                if "llama-server" not in (proc.info["name"] or ""):
-                    continue
-                if proc.environ().get(OWNER_ENV) != owner:
-                    continue
-                log.warning("stopping stale llama-server pid %s left by an earlier run", proc.pid)
-                proc.terminate()
-                try:
-                    proc.wait(STOP_GRACE_S)
-                except psutil.TimeoutExpired:
-                    proc.kill()
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
+                proc.wait(STOP_GRACE_S)
+            except psutil.TimeoutExpired:
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue

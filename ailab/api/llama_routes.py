@@ -1,0 +1,210 @@
+"""llama-server's own API, each request routed to the model its body names: the OpenAI and
+Anthropic compatible routes, token counting, templates, embeddings and reranking.
+
+Bodies and answers pass through as bytes (streams chunk by chunk, as they arrive); only the
+``model`` field is read, to pick the instance. Errors the gateway raises itself come back
+in the error shape of the API the request came in on, so SDKs show their message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.types import Receive, Scope, Send
+
+from ailab.gateway import Gateway, ModelFileMissing, ModelNotFound
+from ailab.upstream import proxy
+from ailab.upstream.admission import Overloaded, SwitchTimeout
+from ailab.upstream.pool import PoolRefused, Purpose
+from ailab.upstream.supervisor import LlamaStartError, LlamaUnavailable
+
+ApiStyle = Literal["openai", "anthropic"]
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str
+    style: ApiStyle = "openai"  # llama-server's own routes answer errors as OpenAI does
+    purpose: Purpose = "generate"
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("/v1/chat/completions"),
+    Route("/v1/chat/completions/input_tokens"),
+    Route("/v1/completions"),
+    Route("/v1/responses"),
+    Route("/v1/responses/input_tokens"),
+    Route("/v1/messages", "anthropic"),
+    Route("/v1/messages/count_tokens", "anthropic"),
+    Route("/tokenize"),
+    Route("/detokenize"),
+    Route("/apply-template"),
+    Route("/v1/embeddings", purpose="embed"),
+    Route("/v1/rerank", purpose="rerank"),
+)
+
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+class OpenAIModel(BaseModel):
+    """One entry of /v1/models: OpenAI's fields, then the pool's."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "ailab"
+    state: str
+    current: bool
+    memory_estimate_mb: float | None
+    memory_measured_mb: float | None
+    in_flight: int
+    last_used: float | None
+    message: str | None
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+def error_response(style: ApiStyle, status: int, message: str) -> JSONResponse:
+    """An error as the API's own clients expect it."""
+    headers = {"Retry-After": "1"} if status == 429 else None
+    if style == "anthropic":
+        kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error")
+        body: dict[str, Any] = {"type": "error", "error": {"type": kind, "message": message}}
+    else:
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        code = "model_not_found" if status == 404 else status
+        body = {"error": {"message": message, "type": kind, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _status_for(exc: Exception) -> int | None:
+    """The HTTP status of a failure the gateway knows; None for anything else."""
+    if isinstance(exc, PoolRefused | proxy.UpstreamError):
+        return exc.status
+    statuses: tuple[tuple[type[Exception], int], ...] = (
+        (ModelNotFound, 404),
+        (ModelFileMissing, 400),
+        (Overloaded, 429),
+        (SwitchTimeout, 503),
+        (LlamaUnavailable, 503),
+        (LlamaStartError, 503),
+        (ValueError, 400),
+    )
+    return next((status for kind, status in statuses if isinstance(exc, kind)), None)
+
+
+def add_routes(app: FastAPI, gw: Gateway) -> None:
+    for route in ROUTES:
+        app.add_api_route(route.path, _endpoint(gw, route), methods=["POST"])
+
+    @app.get("/v1/models", response_model=OpenAIModelList)
+    async def openai_models() -> OpenAIModelList:
+        infos = await asyncio.to_thread(gw.list_models)
+        return OpenAIModelList(
+            data=[
+                OpenAIModel(
+                    id=info.key,
+                    state=info.state,
+                    current=info.current,
+                    memory_estimate_mb=info.memory_estimate_mb,
+                    memory_measured_mb=info.memory_measured_mb,
+                    in_flight=info.in_flight,
+                    last_used=info.last_used,
+                    message=info.message,
+                )
+                for info in infos
+            ]
+        )
+
+
+def _endpoint(gw: Gateway, route: Route) -> Any:
+    async def endpoint(request: Request) -> Response:
+        body = await request.body()
+        try:
+            payload = json.loads(body) if body else {}
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):
+            return error_response(route.style, 400, "the request body must be a JSON object")
+        try:
+            return await _forward(gw, route, payload, body)
+        except Exception as exc:
+            status = _status_for(exc)
+            if status is None:
+                raise
+            return error_response(route.style, status, str(exc))
+
+    endpoint.__name__ = "llama_" + route.path.strip("/").replace("/", "_").replace("-", "_")
+    return endpoint
+
+
+async def _forward(gw: Gateway, route: Route, payload: dict[str, Any], body: bytes) -> Response:
+    model = payload.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ValueError("model must be a string (a key from /v1/models)")
+    source = await gw.source_for(model)
+    if route.purpose == "rerank" and not source.reranker:
+        raise ValueError(
+            f"{source.key} is not registered as a reranker, so it is not started with "
+            "--reranking and cannot rank documents; use a reranker model (an entry with "
+            '"reranker": true in AILAB_EXTRA_MODELS)'
+        )
+    resources = contextlib.AsyncExitStack()
+    try:
+        instance = await resources.enter_async_context(gw.generation(source, route.purpose))
+        upstream = instance.http.build_request(
+            "POST",
+            f"{instance.manager.base_url}{route.path}",
+            content=body,
+            headers={"content-type": "application/json"},
+        )
+        if payload.get("stream"):
+            response = await resources.enter_async_context(proxy.stream(instance.http, upstream))
+            return _ProxiedStream(response, resources)
+        response = await proxy.send(instance.http, upstream)
+    except httpx.HTTPError as exc:
+        await resources.aclose()
+        message = f"{source.key}: llama-server is not reachable: {exc}"
+        raise proxy.UpstreamError(message, 503) from exc
+    except BaseException:
+        await resources.aclose()
+        raise
+    await resources.aclose()
+    return Response(
+        response.content,
+        status_code=response.status_code,
+        media_type=response.headers.get("content-type", "application/json"),
+    )
+
+
+class _ProxiedStream(StreamingResponse):
+    """llama-server's SSE bytes, passed through as they arrive. The instance and the
+    upstream stream are released when the response ends, however it ends."""
+
+    def __init__(self, upstream_response: httpx.Response, resources: contextlib.AsyncExitStack):
+        super().__init__(
+            upstream_response.aiter_raw(),
+            status_code=upstream_response.status_code,
+            media_type=upstream_response.headers.get("content-type", "text/event-stream"),
+        )
+        self._resources = resources
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with self._resources:
+            await super().__call__(scope, receive, send)

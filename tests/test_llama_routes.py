@@ -1,0 +1,165 @@
+"""llama-server's API through the gateway, model chosen by name: the official `openai` and
+`anthropic` SDKs unchanged, token counting, templates, embeddings and reranking."""
+
+from __future__ import annotations
+
+import math
+
+import anthropic
+import openai
+import pytest
+import requests
+from conftest import GatewayProcess
+
+SMOL, GEMMA = "smollm2-135m", "gemma3-270m"
+
+
+@pytest.fixture
+def oai(gateway: GatewayProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", timeout=120)
+
+
+@pytest.fixture
+def claude(gateway: GatewayProcess) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=gateway.url, api_key="unused", timeout=120)
+
+
+@pytest.mark.parametrize("model", [SMOL, GEMMA])
+def test_openai_sdk_chat_and_stream_by_model_name(oai: openai.OpenAI, model: str) -> None:
+    messages = [{"role": "user", "content": "Say hello."}]
+    reply = oai.chat.completions.create(model=model, messages=messages, max_tokens=5)  # type: ignore[arg-type]
+    assert reply.model == model
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+    stream = oai.chat.completions.create(
+        model=model,
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=5,
+        stream=True,
+    )
+    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert "".join(pieces).strip()
+
+
+def test_openai_sdk_responses(oai: openai.OpenAI) -> None:
+    response = oai.responses.create(model=GEMMA, input="Say hello.", max_output_tokens=5)
+    assert response.model == GEMMA
+    assert response.output_text.strip()
+    # Streamed as raw events: the SDK's accumulating helper (responses.stream) rejects
+    # llama-server's text deltas, which carry no content_index (bare llama-server too).
+    stream = oai.responses.create(model=SMOL, input="Say hello.", max_output_tokens=5, stream=True)
+    events = [event.type for event in stream]
+    assert "response.output_text.delta" in events and events[-1] == "response.completed"
+
+
+def test_openai_sdk_unknown_model_raises_not_found_with_the_keys(oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError, match="known models"):
+        oai.chat.completions.create(
+            model="gpt-4o",
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=1,
+        )
+
+
+@pytest.mark.parametrize("model", [SMOL, GEMMA])
+def test_anthropic_sdk_messages_stream_and_count_tokens(
+    claude: anthropic.Anthropic, model: str
+) -> None:
+    messages = [{"role": "user", "content": "Say hello."}]
+    message = claude.messages.create(model=model, max_tokens=5, messages=messages)  # type: ignore[arg-type]
+    assert message.model == model and message.role == "assistant"
+    assert message.usage.output_tokens > 0
+    with claude.messages.stream(model=model, max_tokens=5, messages=messages) as stream:  # type: ignore[arg-type]
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text and final.stop_reason in {"max_tokens", "end_turn"}
+    counted = claude.messages.count_tokens(model=model, messages=messages)  # type: ignore[arg-type]
+    assert counted.input_tokens > 3
+
+
+def test_anthropic_sdk_unknown_model_raises_not_found(claude: anthropic.Anthropic) -> None:
+    with pytest.raises(anthropic.NotFoundError, match=SMOL):
+        claude.messages.create(
+            model="claude-x", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+        )
+
+
+def post(gateway: GatewayProcess, path: str, body: dict) -> dict:
+    reply = requests.post(f"{gateway.url}{path}", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_tokenize_detokenize_and_templates_use_the_named_models_vocabulary(
+    gateway: GatewayProcess,
+) -> None:
+    smol = post(gateway, "/tokenize", {"model": SMOL, "content": "Hello world"})["tokens"]
+    gemma = post(gateway, "/tokenize", {"model": GEMMA, "content": "Hello world"})["tokens"]
+    assert smol != gemma  # two vocabularies: each request reached its own model
+    back = post(gateway, "/detokenize", {"model": GEMMA, "tokens": gemma})["content"]
+    assert back.strip() == "Hello world"
+    messages = [{"role": "user", "content": "Hi there"}]
+    prompt = post(gateway, "/apply-template", {"model": SMOL, "messages": messages})["prompt"]
+    assert "<|im_start|>user\nHi there" in prompt
+    chat_count = post(
+        gateway, "/v1/chat/completions/input_tokens", {"model": SMOL, "messages": messages}
+    )
+    assert chat_count["input_tokens"] == len(
+        post(gateway, "/tokenize", {"model": SMOL, "content": prompt, "parse_special": True})[
+            "tokens"
+        ]
+    )
+    responses_count = post(
+        gateway, "/v1/responses/input_tokens", {"model": GEMMA, "input": "Hi there"}
+    )
+    assert responses_count["input_tokens"] > 2
+
+
+def test_a_body_that_is_not_a_json_object_is_400_in_the_apis_shape(
+    gateway: GatewayProcess,
+) -> None:
+    reply = requests.post(f"{gateway.url}/v1/messages", data=b"[1, 2]", timeout=10)
+    assert reply.status_code == 400
+    assert reply.json()["error"]["type"] == "invalid_request_error"
+    assert "JSON object" in reply.json()["error"]["message"]
+
+
+def embed(gateway: GatewayProcess, model: str, inputs: list[str] | str) -> list[list[float]]:
+    body = post(gateway, "/v1/embeddings", {"model": model, "input": inputs})
+    return [item["embedding"] for item in sorted(body["data"], key=lambda d: d["index"])]
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    return dot / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def test_embeddings_batch_equals_single_and_similar_beats_unrelated(
+    gateway: GatewayProcess,
+) -> None:
+    texts = [
+        "The cat sat on the mat.",
+        "A kitten is sitting on a rug.",
+        "Quarterly tax filings are due in April.",
+    ]
+    batch = embed(gateway, SMOL, texts)
+    assert [len(v) for v in batch] == [576] * 3  # SmolLM2's width
+    for text, batched in zip(texts, batch, strict=True):
+        (alone,) = embed(gateway, SMOL, text)
+        assert max(abs(a - b) for a, b in zip(alone, batched, strict=True)) < 1e-4
+    assert cosine(batch[0], batch[1]) > cosine(batch[0], batch[2])
+    health = requests.get(f"{gateway.url}/health", timeout=5).json()
+    instances = {m["id"]: m for m in health["models"]}
+    embedding = instances[f"{SMOL}#embeddings"]
+    assert embedding["purpose"] == "embed" and embedding["memory_estimate_mb"] > 0
+
+
+def test_rerank_on_a_model_not_registered_as_a_reranker_is_400_saying_why(
+    gateway: GatewayProcess,
+) -> None:
+    reply = requests.post(
+        f"{gateway.url}/v1/rerank",
+        json={"model": SMOL, "query": "cats", "documents": ["a cat", "taxes"]},
+        timeout=10,
+    )
+    assert reply.status_code == 400
+    assert "not registered as a reranker" in reply.json()["error"]["message"]
