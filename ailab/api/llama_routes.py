@@ -20,11 +20,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
-from ailab.gateway import Gateway, ModelFileMissing, ModelNotFound
+from ailab.errors import AilabError, described
+from ailab.gateway import Gateway
 from ailab.upstream import proxy
-from ailab.upstream.admission import Overloaded, SwitchTimeout
-from ailab.upstream.pool import PoolRefused, Purpose
-from ailab.upstream.supervisor import LlamaStartError, LlamaUnavailable
+from ailab.upstream.pool import Purpose
+from ailab.upstream.supervisor import LlamaStartError
 
 ApiStyle = Literal["openai", "anthropic"]
 
@@ -94,19 +94,13 @@ def error_response(style: ApiStyle, status: int, message: str) -> JSONResponse:
 
 
 def _status_for(exc: Exception) -> int | None:
-    """The HTTP status of a failure the gateway knows; None for anything else."""
-    if isinstance(exc, PoolRefused | proxy.UpstreamError):
-        return exc.status
-    statuses: tuple[tuple[type[Exception], int], ...] = (
-        (ModelNotFound, 404),
-        (ModelFileMissing, 400),
-        (Overloaded, 429),
-        (SwitchTimeout, 503),
-        (LlamaUnavailable, 503),
-        (LlamaStartError, 503),
-        (ValueError, 400),
-    )
-    return next((status for kind, status in statuses if isinstance(exc, kind)), None)
+    """The HTTP status of a failure the gateway knows; None for anything else. A model
+    that cannot start is "unavailable" here, whatever its supervisor calls it."""
+    if isinstance(exc, LlamaStartError):
+        return 503
+    if isinstance(exc, AilabError | httpx.HTTPError):
+        return described(exc).status
+    return None
 
 
 def add_routes(app: FastAPI, gw: Gateway) -> None:
