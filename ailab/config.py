@@ -138,6 +138,8 @@ class Settings(BaseModel):
     # SHA-256 hex digests only: a key itself is never kept, so it cannot leak in a repr.
     api_key_sha256: tuple[str, ...] = ()
     allow_no_auth: bool = False
+    metrics: bool = True  # /metrics and the access log
+    access_log_console: bool = False  # the access log's lines on the console too
     mcp_config_file: Path | None = None
     mcp_call_timeout_s: float = Field(60.0, gt=0)
     # The model pool. None: a share of the memory found at start (upstream/budget.py).
@@ -201,6 +203,8 @@ ENV_FIELDS: dict[str, str] = {
     "AILAB_ALLOWED_HOSTS": "allowed_hosts",
     "AILAB_CORS_ORIGINS": "cors_origins",
     "AILAB_ALLOW_NO_AUTH": "allow_no_auth",
+    "AILAB_METRICS": "metrics",
+    "AILAB_ACCESS_LOG_CONSOLE": "access_log_console",
     "AILAB_MCP_CONFIG": "mcp_config_file",
     "AILAB_MCP_TIMEOUT": "mcp_call_timeout_s",
     "AILAB_MEMORY_BUDGET_MB": "memory_budget_mb",
@@ -208,7 +212,7 @@ ENV_FIELDS: dict[str, str] = {
     "AILAB_MODEL_TTL": "model_ttl_s",
     "AILAB_PRELOAD": "preload",
 }
-BOOLEAN_FIELDS = {"net_allow_private", "allow_no_auth"}
+BOOLEAN_FIELDS = {"net_allow_private", "allow_no_auth", "metrics", "access_log_console"}
 MIN_KEY_CHARS = 16
 KEY_ADVICE = 'make one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
 FIELD_ENV = {field: env for env, field in ENV_FIELDS.items()}

@@ -14,6 +14,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
+from prometheus_client import generate_latest
+
 from ailab import config, tools
 from ailab.agent.engine import ApprovalGone, ChatEngine, TurnOptions, TurnStats
 from ailab.agent.turn import (
@@ -34,6 +37,7 @@ from ailab.api.schemas import (
 from ailab.config import GENERATION_DEFAULTS, ModelSource, Settings
 from ailab.errors import AilabError, BadRequest, NotFound
 from ailab.mcp.client import McpHub
+from ailab.metrics import GatewayState, Metrics, ModelFacts, StateCollector, llama_metrics_text
 from ailab.storage import AsyncStore, PendingApproval, StoredConversation, merge_messages
 from ailab.upstream.admission import GenerationGate, KeyedLocks
 from ailab.upstream.pool import Instance, ModelPool, PoolRefused, Purpose, instance_id
@@ -80,6 +84,8 @@ class Gateway:
         # Shares nothing until start() applies the settings; /roots replaces it.
         self.tool_policy = tools.ToolPolicy()
         self.mcp = McpHub(settings.mcp_config_file, settings.log_dir, settings.mcp_call_timeout_s)
+        self.metrics = Metrics()
+        self.metrics.add_collector(StateCollector(self._metrics_state))
         self.system_prompt = config.DEFAULT_SYSTEM_PROMPT
         self.tools_enabled = True
         self._engines: dict[str, ChatEngine] = {}
@@ -171,6 +177,7 @@ class Gateway:
                 self.settings.max_tool_iterations,
                 lambda: self.tool_policy,
                 self.mcp,
+                self.metrics,
             )
             self._engines[instance.id] = engine
         return engine
@@ -321,7 +328,9 @@ class Gateway:
     ) -> AsyncIterator[Instance]:
         """Admission for anything that generates: a queue place, no switch running, and
         the model's instance serving (loaded first, and waited for, bounded)."""
+        waiting_since = time.perf_counter()
         async with self.gate.generation(), self.pool.use(source, purpose) as instance:
+            self.metrics.queue_wait_seconds.observe(time.perf_counter() - waiting_since)
             yield instance
 
     def token_budget(self, source: ModelSource, max_tokens: int) -> int:
@@ -493,6 +502,47 @@ class Gateway:
             deleted = await self.store.delete_conversation(conversation_id)
         return deleted or running is not None
 
+    # --- metrics ---------------------------------------------------------------------
+
+    def _metrics_state(self) -> GatewayState:
+        models = [
+            ModelFacts(
+                id=i.id,
+                state=i.state,
+                estimate_mb=i.estimate_mb,
+                measured_mb=i.measured_mb,
+                in_flight=i.in_flight,
+                loads=i.loads,
+                last_load_s=i.last_load_s,
+                unloads=dict(i.unloads),
+                restarts=i.manager.restarts,
+            )
+            for i in self.pool.instances.values()
+        ]
+        return GatewayState(models=models, admitted=self.gate.admitted)
+
+    async def metrics_text(self) -> str:
+        """The gateway's metrics, then llama-server's own from each model that is running:
+        a scrape never loads a model and never counts as its use (no idle timer reset)."""
+        conversations = await self.store.list_conversations()
+        self.metrics.conversations.set(len(conversations))
+        size = await asyncio.to_thread(_file_size, self.settings.database_path)
+        self.metrics.database_bytes.set(size)
+        running = [i for i in self.pool.instances.values() if i.serving]
+        texts = await asyncio.gather(*(self._llama_metrics(i) for i in running))
+        own = generate_latest(self.metrics.registry).decode()
+        return own + llama_metrics_text(
+            {i.id: text for i, text in zip(running, texts, strict=True) if text}
+        )
+
+    @staticmethod
+    async def _llama_metrics(instance: Instance) -> str | None:
+        try:
+            reply = await instance.http.get(f"{instance.manager.base_url}/metrics", timeout=5)
+        except httpx.HTTPError:
+            return None  # it stopped meanwhile: its metrics are gone with it
+        return reply.text if reply.status_code == 200 else None
+
     def chat_extras(self, model_key: str | None, conversation_id: str) -> dict[str, Any]:
         """What a chat response says about where it ran."""
         instance = self.pool.instances.get(model_key or self.default_model)
@@ -501,3 +551,10 @@ class Gateway:
             "model_key": model_key or self.default_model,
             "device": instance.manager.device if instance else "CPU",
         }
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0

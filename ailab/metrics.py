@@ -13,11 +13,14 @@ import logging
 import logging.handlers
 import queue
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -87,9 +90,20 @@ class Metrics:
             registry=r,
         )
 
+        self.conversations = Gauge("ailab_conversations", "Conversations stored", registry=r)
+        self.database_bytes = Gauge(
+            "ailab_database_bytes", "Size of the conversation database file", registry=r
+        )
+
     def add_collector(self, collector: Collector) -> None:
-        """A collector that reads state at scrape time (models, queue, storage)."""
+        """A collector that reads state at scrape time (models, queue)."""
         self.registry.register(collector)
+
+    def record_tool_call(
+        self, tool: str, server: str | None, decision: str, outcome: str, seconds: float
+    ) -> None:
+        self.tool_calls.labels(tool, server or "", decision, outcome).inc()
+        self.tool_seconds.labels(tool).observe(seconds)
 
     def record_chat_usage(self, model: str, stats: dict[str, Any]) -> None:
         self.tokens.labels(model, "input").inc(stats.get("tokens_input") or 0)
@@ -223,3 +237,88 @@ def _llama_name(name: str) -> str:
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+MODEL_STATE = ["model", "state"]
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """One model instance as the metrics see it."""
+
+    id: str
+    state: str
+    estimate_mb: float | None
+    measured_mb: float | None
+    in_flight: int
+    loads: int
+    last_load_s: float | None
+    unloads: dict[str, int]
+    restarts: int
+
+
+@dataclass(frozen=True)
+class GatewayState:
+    models: list[ModelFacts]
+    admitted: int
+
+
+class StateCollector(Collector):
+    """Reads what the gateway holds at scrape time: each model instance's state, memory,
+    requests in flight, loads, unloads and restarts, and the admission queue."""
+
+    def __init__(self, read: Callable[[], GatewayState]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[Metric]:
+        state = self._read()
+        families = {
+            "state": GaugeMetricFamily(
+                "ailab_model_state", "1 for the state a model instance is in", labels=MODEL_STATE
+            ),
+            "memory": GaugeMetricFamily(
+                "ailab_model_memory_bytes",
+                "A model instance's memory: the estimate before loading, the measured RSS",
+                labels=["model", "kind"],
+            ),
+            "in_flight": GaugeMetricFamily(
+                "ailab_model_requests_in_flight", "Requests a model is serving", labels=["model"]
+            ),
+            "loads": CounterMetricFamily(
+                "ailab_model_loads", "Times a model was loaded", labels=["model"]
+            ),
+            "load_seconds": GaugeMetricFamily(
+                "ailab_model_last_load_seconds", "How long the last load took", labels=["model"]
+            ),
+            "unloads": CounterMetricFamily(
+                "ailab_model_unloads",
+                "Times a model was unloaded by the pool, by reason (room, ttl)",
+                labels=["model", "reason"],
+            ),
+            "restarts": CounterMetricFamily(
+                "ailab_model_crash_restarts",
+                "Times a model's llama-server died and was restarted",
+                labels=["model"],
+            ),
+        }
+        for model in state.models:
+            for name in ("unloaded", "downloading", "loading", "ready", "unloading", "failed"):
+                families["state"].add_metric([model.id, name], float(model.state == name))
+            if model.estimate_mb is not None:
+                families["memory"].add_metric([model.id, "estimated"], model.estimate_mb * MB)
+            if model.measured_mb is not None:
+                families["memory"].add_metric([model.id, "measured"], model.measured_mb * MB)
+            families["in_flight"].add_metric([model.id], model.in_flight)
+            families["loads"].add_metric([model.id], model.loads)
+            if model.last_load_s is not None:
+                families["load_seconds"].add_metric([model.id], model.last_load_s)
+            for reason, count in model.unloads.items():
+                families["unloads"].add_metric([model.id, reason], count)
+            families["restarts"].add_metric([model.id], model.restarts)
+        yield from families.values()
+        queue = GaugeMetricFamily(
+            "ailab_admission_active", "Requests holding or waiting for an admission place"
+        )
+        queue.add_metric([], state.admitted)
+        yield queue

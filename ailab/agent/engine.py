@@ -24,6 +24,7 @@ from ailab import tools
 from ailab.agent.token_budget import Message, TokenCounter, fit_messages
 from ailab.agent.turn import Event, TurnRecord
 from ailab.errors import NotFound
+from ailab.metrics import Metrics
 from ailab.storage import AsyncStore, AuditRecord, AuditUpdate, PendingApproval
 from ailab.upstream import proxy
 
@@ -129,8 +130,10 @@ class ChatEngine:
         max_iterations: int,
         tool_policy: Callable[[], tools.ToolPolicy],
         extra_tools: ExtraTools | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.http = http
+        self.metrics = metrics
         self.store = store
         self.llama_url = llama_url
         self.max_iterations = max_iterations
@@ -410,13 +413,18 @@ class ChatEngine:
             }
         )
         refused = label == "denied"
+        status = "refused" if refused else result.get("status", "error")
+        seconds = time.perf_counter() - started
+        if self.metrics is not None:
+            server, tool = self._origin(name)
+            self.metrics.record_tool_call(tool, server, label, status, seconds)
         await self.store.update_tool_calls(
             [
                 AuditUpdate(
                     id=audit_id,
-                    status="refused" if refused else result.get("status", "error"),
+                    status=status,
                     approval=label,  # type: ignore[arg-type]
-                    duration_ms=(time.perf_counter() - started) * 1000,
+                    duration_ms=seconds * 1000,
                     error=result.get("error"),
                     result_chars=len(json.dumps(result, ensure_ascii=False, default=str)),
                 )

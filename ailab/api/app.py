@@ -20,9 +20,11 @@ import httpx
 import uvicorn
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
+from starlette.types import Scope
 
-from ailab import exports
+from ailab import exports, metrics
 from ailab.agent.engine import TurnStats
 from ailab.agent.turn import RunningTurn
 from ailab.api import llama_routes, security
@@ -50,7 +52,7 @@ from ailab.api.schemas import (
 )
 from ailab.commands import COMMANDS
 from ailab.config import ConfigError, Settings, load_settings
-from ailab.errors import AilabError, described, json_body, sse_event
+from ailab.errors import AilabError, NotFound, described, json_body, sse_event
 from ailab.gateway import Gateway
 from ailab.mcp import server as mcp_server
 from ailab.storage import StorageError
@@ -68,6 +70,12 @@ SHUTDOWN_GRACE_S = 5
 def create_app(settings: Settings, binary: Path) -> FastAPI:
     gateway = Gateway(settings, binary)
 
+    access_log, access_writer = None, None
+    if settings.metrics:
+        access_log, access_writer = metrics.access_logger(
+            settings.log_dir, settings.access_log_console
+        )
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gateway.start()
@@ -75,10 +83,17 @@ def create_app(settings: Settings, binary: Path) -> FastAPI:
             yield
         finally:
             await gateway.close()
+            if access_writer is not None:
+                access_writer.stop()
 
     app = FastAPI(title="AI Lab", version="0.1.0", lifespan=lifespan)
     app.state.gateway = gateway
     security.install(app, settings)
+    if access_log is not None:
+        # Outermost, so that requests the boundary refuses are counted and logged too.
+        app.add_middleware(
+            metrics.MetricsMiddleware, metrics=gateway.metrics, access_log=access_log
+        )
     _install_error_handlers(app)
     _add_status_routes(app, gateway)
     _add_chat_routes(app, gateway)
@@ -189,6 +204,12 @@ def _add_status_routes(app: FastAPI, gw: Gateway) -> None:
         records = await gw.store.list_tool_audit(limit, conversation_id)
         return AuditResponse(records=[r.model_dump(mode="json") for r in records])
 
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus_metrics() -> PlainTextResponse:
+        if not gw.settings.metrics:
+            raise NotFound("metrics are off (AILAB_METRICS=0)")
+        return PlainTextResponse(await gw.metrics_text(), media_type=CONTENT_TYPE_LATEST)
+
     @app.post("/shutdown", response_model=StatusResponse)
     async def shutdown() -> StatusResponse:
         # SIGTERM runs uvicorn's graceful exit, which runs the lifespan's clean-up.
@@ -201,54 +222,76 @@ def _add_status_routes(app: FastAPI, gw: Gateway) -> None:
 
 def _add_chat_routes(app: FastAPI, gw: Gateway) -> None:
     @app.post("/chat", response_model=ChatResponse)
-    async def chat(request: ChatRequest) -> Response:
+    async def chat(request: ChatRequest, http: Request) -> Response:
         if not request.messages:
             await gw.reset_conversation(request.conversation_id)
             return _reset_response(gw, request.conversation_id, request.stream)
         turn = await gw.start_chat(request)
-        return await _respond(gw, turn, request.conversation_id, request.stream)
+        return await _respond(gw, http.scope, turn, request.conversation_id, request.stream)
 
     @app.post("/chat/approve", response_model=ChatResponse)
-    async def approve(request: ApprovalRequest) -> Response:
+    async def approve(request: ApprovalRequest, http: Request) -> Response:
         turn = await gw.start_approval(request)
-        return await _respond(gw, turn, request.conversation_id, request.stream)
+        return await _respond(gw, http.scope, turn, request.conversation_id, request.stream)
 
     @app.post("/conversations/{conversation_id}/regenerate", response_model=ChatResponse)
-    async def regenerate(conversation_id: str, request: GenerationOptions) -> Response:
+    async def regenerate(
+        conversation_id: str, request: GenerationOptions, http: Request
+    ) -> Response:
         turn = await gw.start_regeneration(conversation_id, request)
-        return await _respond(gw, turn, conversation_id, request.stream)
+        return await _respond(gw, http.scope, turn, conversation_id, request.stream)
 
 
 def _reset_response(gw: Gateway, conversation_id: str, stream: bool) -> Response:
     body = ChatResponse(
-        **{**TurnStats().summary(), "response": ""}, **gw.chat_extras(conversation_id)
+        **{**TurnStats().summary(), "response": ""}, **gw.chat_extras(None, conversation_id)
     ).model_dump()
     if stream:
         return EventSourceResponse(iter([{"event": "done", "data": json.dumps(body)}]))
     return JSONResponse(body)
 
 
-async def _respond(gw: Gateway, turn: RunningTurn, conversation_id: str, stream: bool) -> Response:
-    """The turn was admitted: stream its events, or collect them into one response. The
-    model that served it is named at its end (a switch may run meanwhile)."""
+async def _respond(
+    gw: Gateway, scope: Scope, turn: RunningTurn, conversation_id: str, stream: bool
+) -> Response:
+    """The turn was admitted: stream its events, or collect them into one response."""
     if stream:
-        return EventSourceResponse(_sse(gw, turn, conversation_id), ping=15)
+        return EventSourceResponse(_sse(gw, scope, turn, conversation_id), ping=15)
     final: dict[str, Any] = {}
     async for name, data in turn.events():
         if name == "done":
             final = data
-    extras = gw.chat_extras(turn.record.model_key, conversation_id)
-    return JSONResponse(ChatResponse(**final, **extras).model_dump())
+    return JSONResponse(_finished(gw, scope, turn, conversation_id, final))
 
 
-async def _sse(gw: Gateway, turn: RunningTurn, conversation_id: str) -> AsyncIterator[dict]:
+def _finished(
+    gw: Gateway, scope: Scope, turn: RunningTurn, conversation_id: str, stats: dict[str, Any]
+) -> dict[str, Any]:
+    """The turn's response body, named after the model that served it (known only at
+    the end: a switch may run meanwhile); its figures go to the metrics."""
+    model = turn.record.model_key
+    gw.metrics.record_chat_usage(model or "", stats)
+    metrics.note(
+        scope,
+        model=model,
+        conversation_id=conversation_id,
+        tokens_input=stats.get("tokens_input"),
+        tokens_output=stats.get("tokens_generated"),
+    )
+    return ChatResponse(**stats, **gw.chat_extras(model, conversation_id)).model_dump()
+
+
+async def _sse(
+    gw: Gateway, scope: Scope, turn: RunningTurn, conversation_id: str
+) -> AsyncIterator[dict]:
     """Events as SSE; a failure mid-stream becomes an `error` event and a clean close.
     A client that disconnects cancels this generator, which stops the turn."""
     try:
         async for name, data in turn.events():
             if name == "done":
-                extras = gw.chat_extras(turn.record.model_key, conversation_id)
-                data = ChatResponse(**data, **extras).model_dump()
+                data = _finished(gw, scope, turn, conversation_id, data)
+            elif name == "delta":
+                metrics.first_token(scope)
             yield {"event": name, "data": json.dumps(data)}
     except Exception as exc:  # the 200 is sent; the reason must still reach the client
         if not isinstance(exc, AilabError | httpx.HTTPError):

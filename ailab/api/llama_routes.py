@@ -18,9 +18,10 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
-from ailab.errors import AilabError, described
+from ailab import metrics
+from ailab.errors import AilabError, BadRequest, described
 from ailab.gateway import Gateway
 from ailab.upstream import proxy
 from ailab.upstream.pool import Purpose
@@ -137,7 +138,7 @@ def _endpoint(gw: Gateway, route: Route) -> Any:
         if not isinstance(payload, dict):
             return error_response(route.style, 400, "the request body must be a JSON object")
         try:
-            return await _forward(gw, route, payload, body)
+            return await _forward(gw, route, payload, body, request.scope)
         except Exception as exc:
             status = _status_for(exc)
             if status is None:
@@ -148,13 +149,16 @@ def _endpoint(gw: Gateway, route: Route) -> Any:
     return endpoint
 
 
-async def _forward(gw: Gateway, route: Route, payload: dict[str, Any], body: bytes) -> Response:
+async def _forward(
+    gw: Gateway, route: Route, payload: dict[str, Any], body: bytes, scope: Scope
+) -> Response:
     model = payload.get("model")
     if model is not None and not isinstance(model, str):
-        raise ValueError("model must be a string (a key from /v1/models)")
+        raise BadRequest("model must be a string (a key from /v1/models)")
     source = await gw.source_for(model)
+    metrics.note(scope, model=source.key)
     if route.purpose == "rerank" and not source.reranker:
-        raise ValueError(
+        raise BadRequest(
             f"{source.key} is not registered as a reranker, so it is not started with "
             "--reranking and cannot rank documents; use a reranker model (an entry with "
             '"reranker": true in AILAB_EXTRA_MODELS)'
@@ -200,5 +204,14 @@ class _ProxiedStream(StreamingResponse):
         self._resources = resources
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        marked = False
+
+        async def send_marking_the_first_token(message: Message) -> None:
+            nonlocal marked
+            if not marked and message["type"] == "http.response.body":
+                marked = True
+                metrics.first_token(scope)
+            await send(message)
+
         async with self._resources:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_marking_the_first_token)

@@ -42,6 +42,11 @@ class GenerationGate:
         return self._switching
 
     @asynccontextmanager
+    @property
+    def admitted(self) -> int:
+        """Requests running or waiting for their turn."""
+        return self._admitted
+
     async def generation(self) -> AsyncIterator[None]:
         if self._admitted >= self.capacity:
             raise Overloaded(f"{self._admitted} requests are already running or queued")

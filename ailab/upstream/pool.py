@@ -96,6 +96,10 @@ class Instance:
     last_used_wall: float | None = None
     reserved: bool = False  # room is taken, the process is not up yet
     unloading: bool = False  # chosen to unload: admits nobody new
+    # Counted for /metrics: loads, the last load's seconds, and unloads by reason.
+    loads: int = 0
+    last_load_s: float | None = None
+    unloads: dict[str, int] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -319,11 +323,15 @@ class ModelPool:
         try:
             for victim in victims:
                 log.info("unloading %s to make room for %s", victim.id, instance.id)
+                victim.unloads["room"] = victim.unloads.get("room", 0) + 1
                 await self._stop(victim)
             instance.manager.n_gpu_layers = self.n_gpu_layers
             instance.manager.n_ctx_limit = self.n_ctx_limit
+            started = time.monotonic()
             await instance.manager.start(instance.source)
             instance.last_used = time.monotonic()  # idle time counts from being ready
+            instance.loads += 1
+            instance.last_load_s = instance.last_used - started
         finally:
             instance.reserved = False
             self._notify()
@@ -398,6 +406,7 @@ class ModelPool:
             for key in budget.idle_expired(residents, time.monotonic()):
                 instance = self.instances[key]
                 log.info("unloading %s: idle for %.0f s", key, instance.ttl_s)
+                instance.unloads["ttl"] = instance.unloads.get("ttl", 0) + 1
                 with contextlib.suppress(PoolRefused, LlamaStartError):
                     await self.unload(instance)
 
