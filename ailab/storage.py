@@ -461,8 +461,8 @@ class Store:
                 int(
                     conn.execute(
                         "INSERT INTO tool_audit (timestamp, conversation_id, tool_call_id, tool, "
-                        "server, arguments, status, duration_ms, approval, error) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "server, arguments, status, duration_ms, approval, error, result_chars) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (
                             _iso(record.timestamp),
                             record.conversation_id,
@@ -474,6 +474,7 @@ class Store:
                             record.duration_ms,
                             record.approval,
                             record.error,
+                            record.result_chars,
                         ),
                     ).lastrowid
                     or 0

@@ -41,12 +41,12 @@ class GenerationGate:
     def switching(self) -> bool:
         return self._switching
 
-    @asynccontextmanager
     @property
     def admitted(self) -> int:
         """Requests running or waiting for their turn."""
         return self._admitted
 
+    @asynccontextmanager
     async def generation(self) -> AsyncIterator[None]:
         if self._admitted >= self.capacity:
             raise Overloaded(f"{self._admitted} requests are already running or queued")
