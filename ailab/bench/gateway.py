@@ -539,6 +539,40 @@ def _ttft(
     bench.rows += latency_rows(name, bare_ms, gateway_ms, Target("max_delta_ms", 3.0))[:2]
 
 
+def phase_metrics_cost(bench: Bench, log_dir: Path) -> None:
+    """The gateway with metrics and access log on (the one measured above) against a second
+    gateway with AILAB_METRICS=0, same model and flags, request by request. In this row the
+    "bare" column is the gateway with metrics off."""
+    if bench.binary is None:
+        return
+    body = v1_body(1)
+    on_url = f"{bench.gateway_url}/v1/chat/completions"
+    with started_gateway(
+        bench.binary, bench.model_key, log_dir / "metrics-off", {"AILAB_METRICS": "0"}
+    ) as (off_base, _):
+        off_url = f"{off_base}/v1/chat/completions"
+        with keyed_client(None) as off_client:
+
+            def metrics_on() -> float:
+                return timed_post(bench.gateway_client, on_url, body)
+
+            def metrics_off() -> float:
+                return timed_post(off_client, off_url, body)
+
+            warm_up(bench, metrics_off, metrics_on)
+            off_ms, on_ms = interleaved(bench, bench.plan.latency_rounds, metrics_off, metrics_on)
+    bench.raw["metrics on vs off"] = {"off_ms": off_ms, "on_ms": on_ms}
+    bench.rows.append(
+        Row(
+            "metrics on (gateway) vs off (bare column): /v1 max_tokens=1 p50",
+            "ms",
+            percentile(off_ms, 50),
+            percentile(on_ms, 50),
+            Target("max_delta_ms", 0.5),
+        )
+    )
+
+
 def phase_ttft(bench: Bench) -> None:
     _ttft(bench, "/v1/chat/completions", f"{bench.gateway_url}/v1/chat/completions", v1_body)
     _ttft(bench, "/chat", f"{bench.gateway_url}/chat", chat_body)
@@ -810,6 +844,7 @@ def run_phases(bench: Bench, args: argparse.Namespace, log_dir: Path) -> None:
         ("time to first token", lambda: phase_ttft(bench)),
         ("streamed tokens/s", lambda: phase_stream_rate(bench)),
         ("throughput", lambda: phase_throughput(bench)),
+        ("metrics on vs off", lambda: phase_metrics_cost(bench, log_dir)),
     ]
     if not args.no_switch:
         phases.append(("model switch", lambda: phase_switch(bench, log_dir)))
