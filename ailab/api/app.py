@@ -27,6 +27,7 @@ from starlette.types import Receive, Scope, Send
 from ailab import exports
 from ailab.agent.engine import ApprovalGone, Event, TurnStats
 from ailab.agent.token_budget import ContextOverflow
+from ailab.api import conversation_meta
 from ailab.api.schemas import (
     ApprovalRequest,
     AuditResponse,
@@ -86,6 +87,7 @@ def create_app(settings: Settings, binary: Path) -> FastAPI:
     _install_error_handlers(app)
     _add_status_routes(app, gateway)
     _add_chat_routes(app, gateway)
+    app.include_router(conversation_meta.router)  # before /conversations/{id}
     _add_conversation_routes(app, gateway)
     _add_openai_routes(app, gateway)
     return app

@@ -185,3 +185,9 @@ class ConversationResponse(BaseModel):
 
 class AuditResponse(BaseModel):
     records: list[dict[str, Any]]
+
+
+class RenameRequest(BaseModel):
+    title: str | None = Field(
+        ..., max_length=200, description="The new title; null or blank goes back to the default."
+    )
