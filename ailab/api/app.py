@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from sse_starlette import EventSourceResponse
 from starlette.types import Receive, Scope, Send
 
-from ailab import exports
+from ailab import exports, web
 from ailab.agent.engine import ApprovalGone, Event, TurnStats
 from ailab.agent.token_budget import ContextOverflow
 from ailab.api import conversation_meta
@@ -89,6 +89,7 @@ def create_app(settings: Settings, binary: Path) -> FastAPI:
     _add_chat_routes(app, gateway)
     app.include_router(conversation_meta.router)  # before /conversations/{id}
     _add_conversation_routes(app, gateway)
+    app.include_router(web.router)
     _add_openai_routes(app, gateway)
     return app
 
