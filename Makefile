@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The build script prints the cached binary's path (building it once if needed).
 LLAMA := $${LLAMA_SERVER_PATH:-$$($(PY) scripts/build_llama_server.py)}
 
-.PHONY: setup run test fuzz lint format bench models llama-server mcp-servers clean-data
+.PHONY: setup run test fuzz lint format bench models llama-server mcp-servers clean-data browser vendor-web
 
 setup: $(VENV)/.installed models llama-server mcp-servers
 
@@ -31,12 +31,26 @@ $(MCP_SERVERS)/node_modules/.package-lock.json: $(MCP_SERVERS)/package.json $(MC
 run: setup
 	LLAMA_SERVER_PATH="$(LLAMA)" $(PY) ai_server.py
 
-test: setup
+# The browser tests drive Debian's chromium. As root (CI) it is installed when missing;
+# anyone else is told how, and `make run` never needs it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else \
+	    echo "make: the browser tests need chromium: sudo apt-get install chromium" >&2; \
+	  fi; }
+
+test: setup browser
 	LLAMA_SERVER_PATH="$(LLAMA)" $(PY) -m pytest -q
 
 # The API fuzzed from its OpenAPI schema against a real gateway (also part of `make test`).
 fuzz: setup
 	LLAMA_SERVER_PATH="$(LLAMA)" $(PY) -m pytest -q tests/test_fuzz.py
+
+# The web page's libraries, from npm at the versions pinned in the script.
+vendor-web: $(VENV)/.installed
+	$(PY) scripts/vendor_web.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

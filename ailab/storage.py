@@ -89,6 +89,10 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # The model a conversation runs on; NULL (older conversations) means the default.
     "ALTER TABLE conversations ADD COLUMN model_key TEXT",
+    # A title the user gave; NULL means "the first user message, shortened".
+    """
+    ALTER TABLE conversations ADD COLUMN title TEXT;
+    """,
 )
 
 
@@ -111,6 +115,7 @@ UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
 class ConversationSummary(BaseModel):
     id: str
     title: str | None
+    model_key: str | None = None  # the model its last turn ran on
     message_count: int
     created_at: UtcDatetime
     updated_at: UtcDatetime
@@ -219,6 +224,20 @@ class StorageError(Unavailable):
 
 def _iso(value: datetime) -> str:
     return _as_utc(value).isoformat()
+
+
+# ?1 is a LIKE pattern (see _like_pattern); a message matches on its text, not its JSON.
+_SEARCH_MATCH = (
+    "c.title LIKE ?1 ESCAPE '\\' OR c.id LIKE ?1 ESCAPE '\\' OR EXISTS ("
+    "SELECT 1 FROM messages m WHERE m.conversation_id = c.id "
+    "AND json_extract(m.payload, '$.content') LIKE ?1 ESCAPE '\\')"
+)
+
+
+def _like_pattern(text: str) -> str:
+    """`text` anywhere, with LIKE's wildcards in it taken literally."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
 
 
 def _title(content: Any) -> str | None:
@@ -391,48 +410,50 @@ class Store:
             deleted = conn.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
         return deleted.rowcount > 0
 
-    def get_conversation_model(self, conversation_id: str) -> str | None:
-        with self._lock:
-            row = self._conn.execute(
-                "SELECT model_key FROM conversations WHERE id = ?", (conversation_id,)
-            ).fetchone()
-        return row["model_key"] if row else None
-
-    def set_conversation_model(self, conversation_id: str, model_key: str) -> None:
-        now = _iso(utc_now())
-        with self._transaction() as conn:
-            conn.execute(
-                "INSERT INTO conversations (id, created_at, updated_at, model_key) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET model_key = excluded.model_key",
-                (conversation_id, now, now, model_key),
-            )
-
-    def list_conversations(self) -> list[ConversationSummary]:
+    def list_conversations(self, text: str | None = None) -> list[ConversationSummary]:
+        """Newest first; with `text`, only those whose title, id or a message's content
+        contains it (case-insensitive for ASCII letters, as SQLite's LIKE)."""
+        where, params = ("WHERE " + _SEARCH_MATCH, (_like_pattern(text),)) if text else ("", ())
         with self._lock:
             rows = self._conn.execute(
-                """
-                SELECT c.id, c.created_at, c.updated_at,
+                f"""
+                SELECT c.id, c.title, c.model_key, c.created_at, c.updated_at,
                        (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id)
                            AS message_count,
                        (SELECT m.payload FROM messages m
                          WHERE m.conversation_id = c.id AND m.role = 'user'
                          ORDER BY m.position LIMIT 1) AS first_user
                 FROM conversations c
+                {where}
                 ORDER BY c.updated_at DESC, c.rowid DESC
-                """
+                """,
+                params,
             ).fetchall()
         return [
             ConversationSummary(
                 id=row["id"],
-                title=_title(json.loads(row["first_user"]).get("content"))
-                if row["first_user"]
-                else None,
+                title=row["title"]
+                or (
+                    _title(json.loads(row["first_user"]).get("content"))
+                    if row["first_user"]
+                    else None
+                ),
+                model_key=row["model_key"],
                 message_count=row["message_count"],
                 created_at=row["created_at"],
                 updated_at=row["updated_at"],
             )
             for row in rows
         ]
+
+    def rename_conversation(self, conversation_id: str, title: str | None) -> bool:
+        """Give the conversation a title (None goes back to the derived one); False if it
+        does not exist. The time it was last updated is left alone: renaming is no turn."""
+        with self._transaction() as conn:
+            changed = conn.execute(
+                "UPDATE conversations SET title = ? WHERE id = ?", (title, conversation_id)
+            )
+        return changed.rowcount > 0
 
     # --- settings -----------------------------------------------------------------------
 
@@ -623,14 +644,11 @@ class AsyncStore:
     async def delete_conversation(self, conversation_id: str) -> bool:
         return await self._run(self._store.delete_conversation, conversation_id)
 
-    async def get_conversation_model(self, conversation_id: str) -> str | None:
-        return await self._run(self._store.get_conversation_model, conversation_id)
+    async def list_conversations(self, text: str | None = None) -> list[ConversationSummary]:
+        return await self._run(self._store.list_conversations, text)
 
-    async def set_conversation_model(self, conversation_id: str, model_key: str) -> None:
-        await self._run(self._store.set_conversation_model, conversation_id, model_key)
-
-    async def list_conversations(self) -> list[ConversationSummary]:
-        return await self._run(self._store.list_conversations)
+    async def rename_conversation(self, conversation_id: str, title: str | None) -> bool:
+        return await self._run(self._store.rename_conversation, conversation_id, title)
 
     async def get_setting(self, key: str, default: Any = None) -> Any:
         return await self._run(self._store.get_setting, key, default)

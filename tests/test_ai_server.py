@@ -118,3 +118,18 @@ def test_shutdown_stops_llama_server_and_leaves_no_orphan(make_gateway) -> None:
         not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
         for pid in llama_pids
     )
+
+
+def test_conversations_are_renamed_and_searched_over_http(gateway: GatewayProcess) -> None:
+    body = {"messages": [{"role": "user", "content": "Tell me about quokkas"}], "max_tokens": 4}
+    reply = requests.post(f"{gateway.url}/chat", json={**body, "conversation_id": "quokka"})
+    assert reply.status_code == 200, reply.text
+    renamed = requests.patch(f"{gateway.url}/conversations/quokka", json={"title": " Marsupials "})
+    assert renamed.json() == {"status": "ok"}
+    found = requests.get(f"{gateway.url}/conversations/search", params={"q": "quokkas"}).json()
+    assert [(c["id"], c["title"]) for c in found["conversations"]] == [("quokka", "Marsupials")]
+    missing = requests.patch(f"{gateway.url}/conversations/nope", json={"title": "x"})
+    assert missing.status_code == 404 and "nope" in missing.json()["detail"]
+    assert requests.get(f"{gateway.url}/conversations/search").status_code == 422
+    too_long = requests.patch(f"{gateway.url}/conversations/quokka", json={"title": "x" * 201})
+    assert too_long.status_code == 422

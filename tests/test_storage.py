@@ -577,3 +577,26 @@ def test_merge_distinguishes_different_tool_call_ids() -> None:
     other_result = RESULT | {"tool_call_id": "call_2"}
     result = merge_messages([USER, CALL, RESULT], [USER, CALL, other_result])
     assert result.new_messages == [USER, CALL, other_result]
+
+
+def test_a_given_title_replaces_the_derived_one_until_cleared(store: Store) -> None:
+    store.append_messages("c1", [USER, ASSISTANT])
+    assert store.rename_conversation("c1", "Arithmetic") is True
+    assert store.list_conversations()[0].title == "Arithmetic"
+    assert store.rename_conversation("c1", None) is True
+    assert store.list_conversations()[0].title == "What is 2+2?"
+    assert store.rename_conversation("missing", "x") is False
+
+
+def test_search_finds_text_in_titles_and_messages_but_not_in_json_keys(store: Store) -> None:
+    store.append_messages("math", [USER, ASSISTANT])
+    store.append_messages("greeting", [{"role": "user", "content": "Grüße, 100% sure_x"}])
+    store.rename_conversation("greeting", "Hello there")
+    assert [s.id for s in store.list_conversations("2+2")] == ["math"]
+    assert [s.id for s in store.list_conversations("GRÜSSE")] == []  # LIKE folds ASCII only
+    assert [s.id for s in store.list_conversations("Grüße")] == ["greeting"]
+    assert [s.id for s in store.list_conversations("HELLO")] == ["greeting"]
+    assert [s.id for s in store.list_conversations("100%")] == ["greeting"]
+    assert store.list_conversations("0%s") == []  # % and _ are not wildcards
+    assert store.list_conversations("hell_ there") == []
+    assert store.list_conversations("role") == []

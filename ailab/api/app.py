@@ -24,10 +24,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
 from starlette.types import Scope
 
-from ailab import exports, metrics
+from ailab import exports, metrics, web
 from ailab.agent.engine import TurnStats
 from ailab.agent.turn import RunningTurn
-from ailab.api import llama_routes, security
+from ailab.api import conversation_meta, llama_routes, security
 from ailab.api.schemas import (
     ApprovalRequest,
     AuditResponse,
@@ -97,7 +97,9 @@ def create_app(settings: Settings, binary: Path) -> FastAPI:
     _install_error_handlers(app)
     _add_status_routes(app, gateway)
     _add_chat_routes(app, gateway)
+    app.include_router(conversation_meta.router)  # before /conversations/{id}
     _add_conversation_routes(app, gateway)
+    app.include_router(web.router)
     llama_routes.add_routes(app, gateway)
     mcp_server.mount(app, gateway)
     return app

@@ -243,6 +243,7 @@ class StatusResponse(BaseModel):
 class ConversationSummaryOut(BaseModel):
     id: str
     title: str | None
+    model_key: str | None = None
     message_count: int
     created_at: str
     updated_at: str
@@ -262,3 +263,9 @@ class ConversationResponse(BaseModel):
 
 class AuditResponse(BaseModel):
     records: list[dict[str, Any]]
+
+
+class RenameRequest(BaseModel):
+    title: str | None = Field(
+        ..., max_length=200, description="The new title; null or blank goes back to the default."
+    )
