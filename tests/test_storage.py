@@ -580,7 +580,7 @@ def test_merge_distinguishes_different_tool_call_ids() -> None:
 
 
 def test_a_given_title_replaces_the_derived_one_until_cleared(store: Store) -> None:
-    store.append_messages("c1", [USER, ASSISTANT])
+    append(store, "c1", [USER, ASSISTANT])
     assert store.rename_conversation("c1", "Arithmetic") is True
     assert store.list_conversations()[0].title == "Arithmetic"
     assert store.rename_conversation("c1", None) is True
@@ -589,8 +589,8 @@ def test_a_given_title_replaces_the_derived_one_until_cleared(store: Store) -> N
 
 
 def test_search_finds_text_in_titles_and_messages_but_not_in_json_keys(store: Store) -> None:
-    store.append_messages("math", [USER, ASSISTANT])
-    store.append_messages("greeting", [{"role": "user", "content": "Grüße, 100% sure_x"}])
+    append(store, "math", [USER, ASSISTANT])
+    append(store, "greeting", [{"role": "user", "content": "Grüße, 100% sure_x"}])
     store.rename_conversation("greeting", "Hello there")
     assert [s.id for s in store.list_conversations("2+2")] == ["math"]
     assert [s.id for s in store.list_conversations("GRÜSSE")] == []  # LIKE folds ASCII only
