@@ -118,6 +118,8 @@ class Instance:
         """The state users see: unloaded, downloading, loading, ready, unloading, failed."""
         if self.unloading or self.manager.state == ManagerState.STOPPING:
             return "unloading"
+        if self.manager.state == ManagerState.DOWNLOADING:
+            return "downloading"  # checked before `reserved`, which lasts the whole load
         if self.reserved or self.manager.state in (
             ManagerState.STARTING,
             ManagerState.RESTARTING,
@@ -125,7 +127,6 @@ class Instance:
             return "loading"
         return {
             ManagerState.STOPPED: "unloaded",
-            ManagerState.DOWNLOADING: "downloading",
             ManagerState.READY: "ready",
             ManagerState.FAILED: "failed",
         }[self.manager.state]
