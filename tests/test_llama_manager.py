@@ -262,7 +262,7 @@ def _download_progress(server: GatewayProcess, status: str) -> dict | None:
 def test_a_big_log_is_rotated_keeping_a_bounded_number_of_backups(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import llama_manager
+    from ailab.upstream import supervisor as llama_manager
 
     monkeypatch.setattr(llama_manager, "LOG_MAX_BYTES", 10)
     log = tmp_path / "llama-server.log"
