@@ -547,6 +547,29 @@ def test_the_conversations_kept_in_memory_always_match_the_database(db_path: Pat
     asyncio.run(scenario())
 
 
+def test_a_recent_or_new_conversation_is_read_without_touching_the_database(
+    db_path: Path,
+) -> None:
+    async def scenario() -> None:
+        store = AsyncStore(db_path)
+        try:
+            commit = TurnCommit(conversation_id="c1", expected_count=0, messages=[USER])
+            await store.commit_turn(commit)
+            real_run = store._run
+
+            async def no_database(*args: object, **kwargs: object) -> object:
+                raise AssertionError("the database was read")
+
+            store._run = no_database  # type: ignore[method-assign]
+            assert (await store.load_conversation("c1")).messages == [USER]
+            assert (await store.load_conversation("new")).exists is False
+            store._run = real_run  # type: ignore[method-assign]
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
 def test_async_store_runs_everything_on_one_worker_thread(db_path: Path) -> None:
     async def scenario() -> set[str]:
         store = AsyncStore(db_path)
