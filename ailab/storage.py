@@ -11,6 +11,7 @@ import asyncio
 import json
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from pydantic import AfterValidator, BaseModel, Field
 from ailab.errors import AilabError, Unavailable
 
 TITLE_MAX_CHARS = 60
+CACHED_CONVERSATIONS = 64  # kept in memory by AsyncStore
 
 # Append only: a released migration is never edited, a schema change is a new entry.
 # Statements are split on ";", so none may contain one (no triggers or literal semicolons).
@@ -212,6 +214,16 @@ def describe_failure(db_path: Path, exc: BaseException) -> str:
     return f"the database {db_path} cannot be used ({text}); {hint}"
 
 
+_ABSENT = StoredConversation(
+    exists=False,
+    messages=[],
+    system_prompt=None,
+    used_system_prompt=None,
+    model_key=None,
+    pending=[],
+)
+
+
 class ConversationChanged(AilabError):
     """The conversation changed under a turn that was about to commit."""
 
@@ -319,6 +331,10 @@ class Store:
                 "SELECT 1 FROM conversations WHERE id = ?", (conversation_id,)
             ).fetchone()
         return row is not None
+
+    def conversation_ids(self) -> list[str]:
+        with self._lock:
+            return [row[0] for row in self._conn.execute("SELECT id FROM conversations")]
 
     def get_messages(self, conversation_id: str) -> list[dict[str, Any]]:
         with self._lock:
@@ -609,11 +625,19 @@ T = TypeVar("T")
 
 class AsyncStore:
     """Async facade: every call runs on one dedicated thread, so the event loop never blocks
-    on SQLite and database access is serialised in arrival order."""
+    on SQLite and database access is serialised in arrival order.
+
+    It also keeps the conversations it last read or wrote, and the ids of all of them, so
+    that a turn on a recent or a new conversation awaits nothing from the disk before its
+    first token. Only this object writes the database, and it updates its copy after every
+    write that succeeded. Reads and writes run in arrival order on the one thread and finish
+    in that order, so a read is kept before any later write is applied to the copy."""
 
     def __init__(self, db_path: Path) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ailab-store")
         self._store = Store(db_path)
+        self._known = set(self._store.conversation_ids())
+        self._cache: OrderedDict[str, StoredConversation] = OrderedDict()
 
     async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()
@@ -626,23 +650,62 @@ class AsyncStore:
         await self._run(self._store.close)
         self._executor.shutdown(wait=True)
 
-    async def conversation_exists(self, conversation_id: str) -> bool:
-        return await self._run(self._store.conversation_exists, conversation_id)
+    # --- conversations, with the copy kept in memory ---------------------------------------
+
+    def conversation_exists(self, conversation_id: str) -> bool:
+        return conversation_id in self._known
 
     async def get_messages(self, conversation_id: str) -> list[dict[str, Any]]:
-        return await self._run(self._store.get_messages, conversation_id)
+        return (await self.load_conversation(conversation_id)).messages
 
     async def load_conversation(self, conversation_id: str) -> StoredConversation:
-        return await self._run(self._store.load_conversation, conversation_id)
+        """The conversation (an empty one when it does not exist); callers must not
+        change what they get."""
+        if conversation_id not in self._known:
+            return _ABSENT
+        cached = self._cache.get(conversation_id)
+        if cached is not None:
+            self._cache.move_to_end(conversation_id)
+            return cached
+        loaded = await self._run(self._store.load_conversation, conversation_id)
+        self._keep(conversation_id, loaded)
+        return loaded
 
     async def commit_turn(self, commit: TurnCommit) -> None:
+        cid = commit.conversation_id
+        before = self._cache.get(cid) if cid in self._known else _ABSENT
         await self._run(self._store.commit_turn, commit)
+        self._known.add(cid)
+        if before is None or len(before.messages) != commit.expected_count:
+            self._cache.pop(cid, None)  # read again when next needed
+            return
+        keep = commit.expected_count if commit.keep is None else commit.keep
+        pending = [p for p in before.pending if p.approval_id not in commit.dropped_approvals]
+        after = StoredConversation(
+            exists=True,
+            messages=[*before.messages[:keep], *commit.messages],
+            system_prompt=commit.system_prompt,
+            used_system_prompt=commit.used_system_prompt,
+            model_key=commit.model_key or before.model_key,
+            pending=pending + ([commit.pending] if commit.pending else []),
+        )
+        self._keep(cid, after)
 
     async def reset_conversation(self, conversation_id: str) -> None:
         await self._run(self._store.reset_conversation, conversation_id)
+        self._cache.pop(conversation_id, None)  # read again when next needed
 
     async def delete_conversation(self, conversation_id: str) -> bool:
-        return await self._run(self._store.delete_conversation, conversation_id)
+        deleted = await self._run(self._store.delete_conversation, conversation_id)
+        self._known.discard(conversation_id)
+        self._cache.pop(conversation_id, None)
+        return deleted
+
+    def _keep(self, conversation_id: str, conversation: StoredConversation) -> None:
+        self._cache[conversation_id] = conversation
+        self._cache.move_to_end(conversation_id)
+        while len(self._cache) > CACHED_CONVERSATIONS:
+            self._cache.popitem(last=False)
 
     async def list_conversations(self, text: str | None = None) -> list[ConversationSummary]:
         return await self._run(self._store.list_conversations, text)

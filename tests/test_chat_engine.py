@@ -8,6 +8,7 @@ calls, an upstream 500, a hang-up mid-stream) happen on demand.
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -394,3 +395,27 @@ def test_a_call_that_started_is_recorded_when_its_turn_is_stopped(
     audit = requests.get(f"{server.url}/tools/audit", timeout=5).json()["records"]
     statuses = {r["tool_call_id"]: r["status"] for r in audit}
     assert statuses == {"slow": "success", "later": "cancelled"}
+
+
+def test_a_turn_cut_short_by_shutdown_is_kept_marked_interrupted(
+    make_gateway, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    server = scripted_gateway(
+        make_gateway, tmp_path, [{"stream_chunks": [f"w{i} " for i in range(100)], "delay": 0.2}]
+    )
+    with requests.post(
+        f"{server.url}/chat",
+        json={"messages": [{"role": "user", "content": "long"}], "stream": True},
+        stream=True,
+        timeout=60,
+    ) as reply:
+        for line in reply.iter_lines():
+            if line.startswith(b"event: delta"):
+                break
+        assert server.process is not None
+        server.process.send_signal(signal.SIGTERM)  # what POST /shutdown does
+        server.process.wait(30)
+    server.start()
+    history = stored(server)
+    assert [m["role"] for m in history] == ["user", "assistant"]
+    assert history[1]["content"].startswith("w0 ") and history[1]["interrupted"] is True

@@ -491,7 +491,7 @@ def test_async_store_works_from_an_event_loop(db_path: Path) -> None:
             ]
             await store.set_setting("n_gpu_layers", 0)
             assert await store.get_setting("n_gpu_layers") == 0
-            assert await store.conversation_exists("c1")
+            assert store.conversation_exists("c1")
             assert [s.id for s in await store.list_conversations()] == ["c1"]
             await store.record_tool_calls([audit("read_file")])
             assert len(await store.list_tool_audit(conversation_id="c1")) == 1
@@ -509,6 +509,67 @@ def test_async_store_works_from_an_event_loop(db_path: Path) -> None:
     asyncio.run(scenario())
     with Store(db_path) as reopened:
         assert reopened.get_setting("n_gpu_layers") == 0
+
+
+def test_the_conversations_kept_in_memory_always_match_the_database(db_path: Path) -> None:
+    """Whatever the order of reads and writes, what AsyncStore hands out from memory is
+    what a fresh read of the file says."""
+    with Store(db_path) as seed:
+        append(seed, "c1", [USER, CALL], pending=approval())
+
+    def on_disk(conversation_id: str) -> object:
+        with Store(db_path) as fresh:
+            return fresh.load_conversation(conversation_id)
+
+    async def turn(store: AsyncStore, messages: list[dict], expected: int, **extra: object) -> None:
+        fields = {"conversation_id": "c1", "expected_count": expected, "messages": messages}
+        await store.commit_turn(TurnCommit.model_validate(fields | extra))
+
+    async def scenario() -> None:
+        store = AsyncStore(db_path)
+        try:
+            # A read and a write on the same conversation at once.
+            await asyncio.gather(
+                store.load_conversation("c1"),
+                turn(store, [RESULT, ASSISTANT], 2, dropped_approvals=["a1"]),
+            )
+            assert await store.load_conversation("c1") == on_disk("c1")
+            await turn(store, [{"role": "assistant", "content": "again"}], 4, keep=1)
+            assert await store.load_conversation("c1") == on_disk("c1")
+            await turn(store, [USER], 2, system_prompt="p", used_system_prompt="p")
+            assert await store.load_conversation("c1") == on_disk("c1")
+            await store.reset_conversation("c1")
+            assert await store.load_conversation("c1") == on_disk("c1")
+            await store.delete_conversation("c1")
+            assert await store.load_conversation("c1") == on_disk("c1")
+            assert not store.conversation_exists("c1")
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_recent_or_new_conversation_is_read_without_touching_the_database(
+    db_path: Path,
+) -> None:
+    async def scenario() -> None:
+        store = AsyncStore(db_path)
+        try:
+            commit = TurnCommit(conversation_id="c1", expected_count=0, messages=[USER])
+            await store.commit_turn(commit)
+            real_run = store._run
+
+            async def no_database(*args: object, **kwargs: object) -> object:
+                raise AssertionError("the database was read")
+
+            store._run = no_database  # type: ignore[method-assign]
+            assert (await store.load_conversation("c1")).messages == [USER]
+            assert (await store.load_conversation("new")).exists is False
+            store._run = real_run  # type: ignore[method-assign]
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
 
 
 def test_async_store_runs_everything_on_one_worker_thread(db_path: Path) -> None:

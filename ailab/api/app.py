@@ -345,7 +345,7 @@ def _add_conversation_routes(app: FastAPI, gw: Gateway) -> None:
         tools: bool = True,
         interrupted: bool = False,
     ) -> Response:
-        if not await gw.store.conversation_exists(conversation_id):
+        if not gw.store.conversation_exists(conversation_id):
             raise HTTPException(404, f"no conversation {conversation_id!r}")
         return await _export_response(gw, [conversation_id], format, tools, interrupted)
 

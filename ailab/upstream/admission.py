@@ -53,14 +53,8 @@ class GenerationGate:
         self._admitted += 1
         try:
             async with self._condition:
-                try:
-                    await asyncio.wait_for(
-                        self._condition.wait_for(lambda: not self._switching), self.switch_wait_s
-                    )
-                except TimeoutError:
-                    raise SwitchTimeout(
-                        f"a model switch is still running after {self.switch_wait_s:.0f} s"
-                    ) from None
+                if self._switching:  # the usual case skips the timer task wait_for makes
+                    await self._wait_for_switch()
                 self.active += 1
             try:
                 yield
@@ -70,6 +64,16 @@ class GenerationGate:
                     self._condition.notify_all()
         finally:
             self._admitted -= 1
+
+    async def _wait_for_switch(self) -> None:
+        try:
+            await asyncio.wait_for(
+                self._condition.wait_for(lambda: not self._switching), self.switch_wait_s
+            )
+        except TimeoutError:
+            raise SwitchTimeout(
+                f"a model switch is still running after {self.switch_wait_s:.0f} s"
+            ) from None
 
     @asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:

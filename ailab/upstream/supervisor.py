@@ -262,6 +262,8 @@ class LlamaServerManager:
     async def wait_until_serving(self, timeout_s: float) -> None:
         """Return once llama-server is ready; wait while it loads or restarts, but fail at
         once (LlamaUnavailable) when it is down for good."""
+        if self.state == ManagerState.READY:
+            return  # the usual case, without the timer task wait_for makes
         try:
             await asyncio.wait_for(self._settled.wait(), timeout_s)
         except TimeoutError:
