@@ -12,21 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import requests
-from conftest import SMOLLM, GatewayProcess
+from conftest import SMOLLM, GatewayProcess, wait_for
 
 SMOL, GEMMA = "smollm2-135m", "gemma3-270m"
 # Each model alone fits (estimates ~224 and ~355 MB), both together do not.
 ROOM_FOR_ONE_MB = "450"
-
-
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 def complete(server: GatewayProcess, model: str | None, max_tokens: int = 2) -> requests.Response:
