@@ -19,6 +19,7 @@ from ailab.agent.engine import ChatEngine, TurnOptions
 from ailab.api.schemas import ChatRequest, ModelInfo
 from ailab.config import GENERATION_DEFAULTS, ModelSource, Settings
 from ailab.errors import AilabError, BadRequest, NotFound
+from ailab.finetune.service import FinetuneService
 from ailab.storage import AsyncStore, merge_messages
 from ailab.upstream import proxy
 from ailab.upstream.admission import GenerationGate, KeyedLocks
@@ -58,6 +59,7 @@ class Gateway:
         )
         self.system_prompt = config.DEFAULT_SYSTEM_PROMPT
         self.tools_enabled = True
+        self.finetune = FinetuneService(settings)
         self._switch_lock = asyncio.Lock()
 
     # --- lifecycle -------------------------------------------------------------------
@@ -80,6 +82,7 @@ class Gateway:
             log.error("could not start llama-server: %s", exc)
 
     async def close(self) -> None:
+        await self.finetune.close()
         await self.manager.close()
         await self.http.aclose()
         await self.store.close()
