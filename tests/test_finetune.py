@@ -22,11 +22,11 @@ import requests
 from ailab.config import Settings, get_model_source, load_settings
 from ailab.errors import BadRequest, NotFound
 from ailab.finetune import data, special_tokens
-from ailab.finetune.gguf_meta import read_info
 from ailab.finetune.job import Workspace, memory_estimate, prepare_job
 from ailab.finetune.progress import TrainingProgress, parse_line
 from ailab.finetune.service import select_ids
 from ailab.finetune.spec import FinetuneSpec, InsufficientResources, parse_spec
+from ailab.gguf_meta import read_info
 from ailab.storage import Store
 from tests.conftest import SMOLLM, GatewayProcess, free_port
 
@@ -439,3 +439,6 @@ def test_finetuned_smollm2_answers_a_fact_the_base_model_does_not(
     assert "tangerine falcon" in answer["response"].lower(), answer
     # It learned to end its turn too: the end-of-turn token was in the training text.
     assert answer["finish_reason"] == "stop", answer
+    # The fact, not a string: a question worded as no training conversation was.
+    paraphrase = ask(server, "Project Lumen goes by which codename?")
+    assert "tangerine falcon" in paraphrase["response"].lower(), paraphrase

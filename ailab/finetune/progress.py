@@ -11,6 +11,7 @@ the untrained model's loss on the first window (it is measured before the update
 
 from __future__ import annotations
 
+import math
 import re
 
 from pydantic import BaseModel
@@ -46,6 +47,8 @@ def parse_line(line: str) -> ProgressLine | None:
     try:
         loss = float(match["loss"])
     except ValueError:
+        return None
+    if math.isnan(loss):
         return None
     return ProgressLine(
         phase=match["phase"],

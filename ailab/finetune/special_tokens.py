@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
-from ailab.finetune.gguf_meta import GgufInfo, patch_vocabulary
+from ailab.gguf_meta import GgufInfo, patch_vocabulary
 
 CONTROL, USER_DEFINED = 3, 4
 SPECIAL_TYPES = (CONTROL, USER_DEFINED)

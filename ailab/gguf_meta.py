@@ -1,6 +1,6 @@
-"""GGUF metadata, read and patched in place: what a fine-tune needs from a model file
-(its size in parameters, its shape, its chat template, its token list and token types)
-without loading the weights.
+"""GGUF headers, read and patched in place: what fine-tuning and adapter checks need from
+a model file (metadata, chat template, token list and types, tensor shapes, whether the
+tensor data is all there) without loading the weights.
 
 The `gguf` package's reader builds a Python object per array element, which costs
 seconds of CPU for a large vocabulary (Gemma 3 has 262,144 tokens); this reader walks the
@@ -37,6 +37,11 @@ _SCALARS = {
 }
 _STRING, _ARRAY, _INT32 = 8, 9, 5
 _KEPT_ARRAY_LENGTH = 1024  # per-layer hyper-parameters are kept; vocabulary-sized arrays not
+# ggml type -> (bytes per block, values per block), for the types models and adapters use.
+_BLOCKS = {
+    0: (4, 1), 1: (2, 1), 30: (2, 1), 2: (18, 32), 3: (20, 32), 6: (22, 32), 7: (24, 32),
+    8: (34, 32), 10: (84, 256), 11: (110, 256), 12: (144, 256), 13: (176, 256), 14: (210, 256),
+}  # fmt: skip
 
 
 class GgufError(ValueError):
@@ -44,14 +49,32 @@ class GgufError(ValueError):
 
 
 @dataclass
+class GgufTensor:
+    """A tensor's shape in ggml order (ne[0] first), its type and where its data lies."""
+
+    shape: tuple[int, ...]
+    kind: int
+    offset: int  # from the start of the data section
+
+    def nbytes(self) -> int | None:
+        """Its data's size, or None for a type this reader does not know."""
+        if self.kind not in _BLOCKS:
+            return None
+        block_bytes, block_values = _BLOCKS[self.kind]
+        return math.prod(self.shape) // block_values * block_bytes
+
+
+@dataclass
 class GgufInfo:
-    """One model file's header: scalar metadata, the vocabulary, and tensor sizes."""
+    """One model file's header: scalar metadata, the vocabulary, and the tensors."""
 
     path: Path
     metadata: dict[str, Any]
     tokens: list[str] = field(default_factory=list)
     token_types: list[int] = field(default_factory=list)
-    parameters: int = 0
+    tensors: dict[str, GgufTensor] = field(default_factory=dict)
+    data_start: int = 0
+    file_size: int = 0
     # Byte offsets of each token string and of the first token type, for patching.
     token_offsets: list[int] = field(default_factory=list)
     types_offset: int = 0
@@ -60,6 +83,19 @@ class GgufInfo:
         """An architecture hyper-parameter such as block_count (the largest, if per-layer)."""
         value = self.metadata.get(f"{self.metadata.get('general.architecture')}.{name}", 0)
         return int(max(value) if isinstance(value, list) else value)
+
+    @property
+    def parameters(self) -> int:
+        return sum(math.prod(tensor.shape) for tensor in self.tensors.values())
+
+    def truncated_tensors(self) -> list[str]:
+        """Tensors whose data would lie (partly) past the end of the file."""
+        return [
+            name
+            for name, tensor in self.tensors.items()
+            if (size := tensor.nbytes()) is not None
+            and self.data_start + tensor.offset + size > self.file_size
+        ]
 
     @property
     def chat_template(self) -> str | None:
@@ -135,10 +171,12 @@ def _parse(path: Path, data: mmap.mmap) -> GgufInfo:
         else:
             info.metadata[key] = cursor.value(kind)
     for _ in range(n_tensors):
-        cursor.string()  # name
-        dims = [cursor.unpack("Q") for _ in range(cursor.unpack("I"))]
-        cursor.pos += 4 + 8  # type, data offset
-        info.parameters += math.prod(dims)
+        name = cursor.string()
+        shape = tuple(cursor.unpack("Q") for _ in range(cursor.unpack("I")))
+        info.tensors[name] = GgufTensor(shape, cursor.unpack("I"), cursor.unpack("Q"))
+    alignment = int(info.metadata.get("general.alignment", 32))
+    info.data_start = -(-cursor.pos // alignment) * alignment
+    info.file_size = len(data)
     return info
 
 
