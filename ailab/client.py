@@ -1054,6 +1054,23 @@ def _cmd_bench(ui: ChatUI, arg: str) -> None:
     ui.run_command("bench", keys, busy="Benchmarking (each model is loaded in turn)…")
 
 
+@command(
+    "finetune",
+    "/finetune [cancel | name=NAME match=GLOB|ids=A,B|jsonl=FILE [epochs=N lr=X base=KEY]]",
+    "fine-tune a model on conversations; alone, show the running fine-tune's progress",
+)
+def _cmd_finetune(ui: ChatUI, arg: str) -> None:
+    word = arg.strip()
+    if word.lower() in ("", "status"):
+        ui.run_command("finetune")
+    elif word.lower() == "cancel":
+        ui.run_command("finetune", "cancel", busy="Cancelling the fine-tune…")
+    elif "=" in word or word.startswith("{"):
+        ui.run_command("finetune", word)
+    else:
+        raise UsageError("Say cancel, or give key=value settings such as name=mybot match='*'.")
+
+
 @command("quit", "/quit", "leave (Ctrl-D does too)")
 def _cmd_quit(ui: ChatUI, arg: str) -> None:
     _no_argument(arg)

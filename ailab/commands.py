@@ -23,6 +23,8 @@ from ailab.api import security
 from ailab.bench import model_speed as model_bench
 from ailab.config import Settings
 from ailab.errors import BadRequest
+from ailab.finetune.service import gather_records
+from ailab.finetune.spec import parse_spec
 from ailab.gateway import Gateway
 from ailab.mcp.config import McpConfigError
 from ailab.storage import AuditRecord
@@ -267,6 +269,25 @@ async def mcp_command(gw: Gateway, value: str | None, _: str) -> CommandResult:
     }
 
 
+async def finetune_command(gw: Gateway, value: str | None, _: str) -> CommandResult:
+    """`status` (the default), `cancel`, or a spec (JSON or key=value words) to start one."""
+    word = (value or "status").strip()
+    if word.lower() in {"status", "cancel"}:
+        status = await (gw.finetune.status() if word.lower() == "status" else gw.finetune.cancel())
+        return status.summary(), status.model_dump()
+    spec = parse_spec(word)
+    if spec.base_model is None:
+        current = gw.manager.model_key or gw.settings.default_model
+        spec = spec.model_copy(update={"base_model": current})
+    records, kind = await gather_records(gw.store, spec, gw.system_prompt)
+    status = await gw.finetune.start(spec, records, kind)
+    message = (
+        f"Fine-tuning {spec.name} from {spec.base_model} on {len(records)} conversations "
+        f"(about {status.memory_estimate_mb:,} MB); `/command finetune` shows progress"
+    )
+    return message, status.model_dump()
+
+
 COMMANDS: dict[str, Handler] = {
     "system": system_command,
     "layers": layers_command,
@@ -279,4 +300,5 @@ COMMANDS: dict[str, Handler] = {
     "roots": roots_command,
     "bench": bench_command,
     "mcp": mcp_command,
+    "finetune": finetune_command,
 }

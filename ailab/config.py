@@ -494,10 +494,13 @@ def get_model_source(settings: Settings, model_key: str) -> ModelSource:
     entry = models[model_key]
     path = model_path(settings, entry)
     template = entry.get("chat_template_file")
+    template_file = template_path(template) if template else None
+    if template and entry.get("is_finetuned") and path and (path.parent / template).is_file():
+        template_file = path.parent / template  # a fine-tune's own copy of its base's template
     common: dict[str, Any] = {
         "key": model_key,
         "name": entry.get("name", model_key),
-        "chat_template_path": template_path(template) if template else None,
+        "chat_template_path": template_file,
         "context_length": int(entry.get("context_length") or 4096),
         "extra_args": list(entry.get("extra_args") or []),
         "pinned": bool(entry.get("pinned")),

@@ -36,6 +36,7 @@ from ailab.api.schemas import (
 )
 from ailab.config import GENERATION_DEFAULTS, ModelSource, Settings
 from ailab.errors import AilabError, BadRequest, NotFound
+from ailab.finetune.service import FinetuneService
 from ailab.mcp.client import McpHub
 from ailab.metrics import GatewayState, Metrics, ModelFacts, StateCollector, llama_metrics_text
 from ailab.storage import AsyncStore, PendingApproval, StoredConversation, merge_messages
@@ -89,6 +90,7 @@ class Gateway:
         self.system_prompt = config.DEFAULT_SYSTEM_PROMPT
         self.tools_enabled = True
         self._engines: dict[str, ChatEngine] = {}
+        self.finetune = FinetuneService(settings)
         self._switch_lock = asyncio.Lock()
         self._first_load: asyncio.Task[None] | None = None
 
@@ -131,6 +133,7 @@ class Gateway:
             turn.stop("the gateway is shutting down")
         await asyncio.gather(*(turn.task for turn in running), return_exceptions=True)
         await self.mcp.close()
+        await self.finetune.close()
         await self.pool.close()
         await self.store.close()
 

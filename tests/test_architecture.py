@@ -22,7 +22,8 @@ def _package_map() -> dict[str, set[str]]:
         cells = [cell.strip() for cell in line.strip("|").split(" | ")]
         names = re.findall(r"`([^`]+\.py|[^`]+/)`", cells[0])
         folder = str(Path(names[0]).parent)
-        allowed = {word.strip() for word in cells[-1].split(",")}
+        # "finetune.*" allows every module of that subpackage.
+        allowed = {word.strip().removesuffix(".*") for word in cells[-1].split(",")}
         for name in names:
             rows[name if "/" in name else f"{folder}/{name}"] = allowed
     return rows

@@ -515,6 +515,7 @@ def test_an_unknown_command_gets_a_hint_with_the_closest_name(fake: FakeGateway)
         "/quit now",
         '/export "unclosed',
         "/model a b",
+        "/finetune now",
     ],
 )
 def test_a_bad_command_value_gets_a_usage_hint_and_sends_nothing(
@@ -542,6 +543,9 @@ def test_a_bad_command_value_gets_a_usage_hint_and_sends_nothing(
         ("/bench", "bench", None),
         ("/model", "model", None),
         ("/tools OFF", "tools", "off"),
+        ("/finetune", "finetune", None),
+        ("/finetune cancel", "finetune", "cancel"),
+        ("/finetune name=mybot match=demo-*", "finetune", "name=mybot match=demo-*"),
     ],
 )
 def test_server_commands_post_the_command_and_print_its_message(
