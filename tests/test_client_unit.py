@@ -502,6 +502,7 @@ def test_an_unknown_command_gets_a_hint_with_the_closest_name(fake: FakeGateway)
         "/quit now",
         '/export "unclosed',
         "/model a b",
+        "/mcp restart",
     ],
 )
 def test_a_bad_command_value_gets_a_usage_hint_and_sends_nothing(
@@ -529,6 +530,8 @@ def test_a_bad_command_value_gets_a_usage_hint_and_sends_nothing(
         ("/bench", "bench", None),
         ("/model", "model", None),
         ("/tools OFF", "tools", "off"),
+        ("/mcp", "mcp", None),
+        ("/mcp Reload", "mcp", "reload"),
     ],
 )
 def test_server_commands_post_the_command_and_print_its_message(
