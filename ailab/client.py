@@ -959,6 +959,15 @@ def _cmd_tools(ui: ChatUI, arg: str) -> None:
     ui.say(f"Tools in this chat's requests: {'on' if ui.enable_tools else 'off'}.")
 
 
+@command("mcp", "/mcp [reload]", "MCP servers with their state and tools; reload restarts them")
+def _cmd_mcp(ui: ChatUI, arg: str) -> None:
+    choice = arg.lower()
+    if choice not in ("", "reload"):
+        raise UsageError(f"Say reload, or nothing, not {arg!r}.")
+    busy = "Restarting the MCP servers…" if choice else None
+    ui.run_command("mcp", choice or None, busy=busy)
+
+
 @command("clear", "/clear", "start this conversation afresh")
 def _cmd_clear(ui: ChatUI, arg: str) -> None:
     _no_argument(arg)

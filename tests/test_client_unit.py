@@ -516,6 +516,7 @@ def test_an_unknown_command_gets_a_hint_with_the_closest_name(fake: FakeGateway)
         '/export "unclosed',
         "/model a b",
         "/finetune now",
+        "/mcp restart",
     ],
 )
 def test_a_bad_command_value_gets_a_usage_hint_and_sends_nothing(
@@ -546,6 +547,8 @@ def test_a_bad_command_value_gets_a_usage_hint_and_sends_nothing(
         ("/finetune", "finetune", None),
         ("/finetune cancel", "finetune", "cancel"),
         ("/finetune name=mybot match=demo-*", "finetune", "name=mybot match=demo-*"),
+        ("/mcp", "mcp", None),
+        ("/mcp Reload", "mcp", "reload"),
     ],
 )
 def test_server_commands_post_the_command_and_print_its_message(
