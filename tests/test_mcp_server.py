@@ -10,10 +10,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx2
 import pytest
+import requests
 from conftest import PROJECT_DIR, GatewayProcess
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult
 
 from ailab import tools
@@ -155,3 +158,29 @@ def test_chat_over_stdio_without_a_gateway_is_a_tool_error_naming_the_fix(
     assert result.is_error
     assert "gateway is not reachable" in text_of(result)
     assert "ailab-server" in text_of(result)
+
+
+def test_over_http_at_mcp_the_api_key_rules_apply(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    key = "mcp-test-key-0123456789"
+    server: GatewayProcess = make_gateway({"AILAB_API_KEYS": key})
+    hello = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-06-18",
+            "capabilities": {},
+            "clientInfo": {"name": "t", "version": "1"},
+        },
+    }
+    refused = requests.post(f"{server.url}/mcp", json=hello, timeout=30)
+    assert refused.status_code == 401
+    assert refused.headers["www-authenticate"].startswith("Bearer")
+
+    async def names_with_key() -> list[str]:
+        http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"})
+        transport = streamable_http_client(f"{server.url}/mcp", http_client=http)
+        async with Client(transport) as client:
+            return [tool.name for tool in (await client.list_tools()).tools]
+
+    assert "read_file" in asyncio.run(names_with_key())
