@@ -185,7 +185,11 @@ def prepare_job(
     _check_free_memory(estimate)
     _check_free_disk(settings, info, spec, _training_copy_path(workspace, source.path).exists())
     lock = workspace.lock()
-    return FinetuneJob(settings, spec, records, source_kind, source, info, estimate, lock)
+    try:
+        return FinetuneJob(settings, spec, records, source_kind, source, info, estimate, lock)
+    except BaseException:
+        lock.close()
+        raise
 
 
 class FinetuneJob:
@@ -228,6 +232,7 @@ class FinetuneJob:
             pid=os.getpid(),
         )
         self._started = time.monotonic()
+        self._finished: float | None = None
         self._last_write = 0.0
         self.on_update: Callable[[FinetuneStatus], None] | None = None
         self.workspace.cancel_file.unlink(missing_ok=True)
@@ -241,7 +246,7 @@ class FinetuneJob:
             return self._status.model_copy(update={"elapsed_s": self._elapsed()})
 
     def _elapsed(self) -> float:
-        return round(time.monotonic() - self._started, 1)
+        return round((self._finished or time.monotonic()) - self._started, 1)
 
     def _update(self, force: bool = True, **changes: Any) -> None:
         with self._status_lock:
@@ -294,6 +299,7 @@ class FinetuneJob:
         return self.status
 
     def _clean_up(self) -> None:
+        self._finished = time.monotonic()
         custom = self.settings.custom_models_dir
         (custom / f"{self.spec.name}.gguf.partial").unlink(missing_ok=True)
         (self.job_dir / "trained-f32.gguf").unlink(missing_ok=True)
