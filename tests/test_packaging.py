@@ -18,6 +18,8 @@ for module in pkgutil.walk_packages(ailab.__path__, "ailab."):
     importlib.import_module(module.name)
 from ailab import config
 assert config.template_path("chatml-tools.jinja").is_file()
+from importlib import resources
+assert (resources.files("ailab.web") / "index.html").is_file()
 print("imported", ailab.__file__)
 """
 
@@ -40,13 +42,15 @@ def test_the_wheel_installs_one_package_that_works_outside_the_checkout(tmp_path
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps"]
-    subprocess.run([*pip, str(wheel)], check=True)
+    # Away from the checkout, whose ailab.egg-info would tell pip ailab is already there.
+    clean = {"PATH": "/usr/bin:/bin"}
+    subprocess.run([*pip, str(wheel)], cwd=tmp_path, env=clean, check=True)
     # The fresh venv has the wheel alone; its dependencies come from the test's own venv.
     deps = sysconfig.get_paths()["purelib"]
     run = subprocess.run(
         [str(venv / "bin" / "python"), "-c", IMPORT_EVERYTHING, str(PROJECT_DIR)],
         cwd=tmp_path,
-        env={"PYTHONPATH": deps, "PATH": "/usr/bin:/bin"},
+        env={**clean, "PYTHONPATH": deps},
         capture_output=True,
         text=True,
         check=False,
