@@ -7,7 +7,7 @@ LLAMA := $${LLAMA_SERVER_PATH:-$$($(PY) scripts/build_llama_server.py)}
 
 .PHONY: setup run test fuzz lint format bench models llama-server mcp-servers clean-data browser vendor-web
 
-setup: $(VENV)/.installed models llama-server mcp-servers
+setup: $(VENV)/.installed models llama-server
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,7 @@ browser:
 	    echo "make: the browser tests need chromium: sudo apt-get install chromium" >&2; \
 	  fi; }
 
-test: setup browser
+test: setup browser mcp-servers
 	LLAMA_SERVER_PATH="$(LLAMA)" $(PY) -m pytest -q
 
 # The API fuzzed from its OpenAPI schema against a real gateway (also part of `make test`).
