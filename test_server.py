@@ -2,6 +2,8 @@
 
     python test_server.py [--server http://127.0.0.1:8080] [--switch gemma3-270m]
 
+A gateway with API keys needs one: AILAB_API_KEY=<key> (or --api-key).
+
 Checks health, the model list, a chat (with history), a forced tool call and, when asked,
 a model switch and back. Prints one line per check and exits non-zero on the first failure.
 This is for people checking an installation by hand; `make test` runs the full suite.
@@ -10,6 +12,7 @@ This is for people checking an installation by hand; `make test` runs the full s
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -17,15 +20,19 @@ from typing import Any
 
 import requests
 
+# One session for every check, so the API key given in main() goes with each request.
+http = requests.Session()
+
 
 def check_health(server: str) -> str:
-    body = requests.get(f"{server}/health", timeout=5).json()
+    body = http.get(f"{server}/health", timeout=5).json()
     assert body["status"] == "ok", f"status is {body['status']}: {body.get('message')}"
+    assert "model_key" in body, "the gateway has API keys: set AILAB_API_KEY or --api-key"
     return f"{body['model_key']} on {body['device']}, pid {body['pid']}"
 
 
 def check_models(server: str) -> str:
-    models = requests.get(f"{server}/models", timeout=5).json()["models"]
+    models = http.get(f"{server}/models", timeout=5).json()["models"]
     present = [m["key"] for m in models if m["exists"]]
     assert present, "no model file is present; run `make models`"
     return f"{len(models)} registered, present: {', '.join(present)}"
@@ -35,7 +42,7 @@ def check_chat(server: str) -> str:
     conversation = f"smoke-{int(time.time())}"
 
     def ask(text: str) -> dict[str, Any]:
-        reply = requests.post(
+        reply = http.post(
             f"{server}/chat",
             json={
                 "messages": [{"role": "user", "content": text}],
@@ -50,12 +57,12 @@ def check_chat(server: str) -> str:
     first = ask("My favourite colour is green. Say hi.")
     second = ask("What is my favourite colour?")
     assert second["tokens_input"] > first["tokens_input"], "history was not sent"
-    requests.delete(f"{server}/conversations/{conversation}", timeout=5)
+    http.delete(f"{server}/conversations/{conversation}", timeout=5)
     return f"{second['tokens_per_second']} tok/s: {second['response'][:60]!r}"
 
 
 def check_tool(server: str) -> str:
-    reply = requests.post(
+    reply = http.post(
         f"{server}/chat",
         json={
             "messages": [{"role": "user", "content": "Where are you working?"}],
@@ -69,15 +76,15 @@ def check_tool(server: str) -> str:
     assert reply.status_code == 200, reply.text
     body = reply.json()
     assert body["tools_used"], "no tool ran (are tools switched off? /command tools on)"
-    requests.delete(f"{server}/conversations/smoke-tool", timeout=5)
+    http.delete(f"{server}/conversations/smoke-tool", timeout=5)
     return ", ".join(body["tools_used"])
 
 
 def check_switch(server: str, target: str) -> str:
-    original = requests.get(f"{server}/health", timeout=5).json()["model_key"]
+    original = http.get(f"{server}/health", timeout=5).json()["model_key"]
     timings = []
     for key in (target, original):
-        reply = requests.post(f"{server}/model/switch", json={"model_key": key}, timeout=600)
+        reply = http.post(f"{server}/model/switch", json={"model_key": key}, timeout=600)
         assert reply.status_code == 200, reply.text
         timings.append(f"{key} {reply.json()['load_time_s']} s")
     return ", ".join(timings)
@@ -87,7 +94,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--server", default="http://127.0.0.1:8080")
     parser.add_argument("--switch", metavar="MODEL_KEY", help="also switch to this model and back")
+    parser.add_argument(
+        "--api-key", default=os.environ.get("AILAB_API_KEY"), help="default: $AILAB_API_KEY"
+    )
     args = parser.parse_args()
+    if args.api_key:
+        http.headers["Authorization"] = f"Bearer {args.api_key}"
     checks: list[tuple[str, Callable[[], str]]] = [
         ("health", lambda: check_health(args.server)),
         ("models", lambda: check_models(args.server)),
