@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -21,7 +20,6 @@ from ailab import tools
 from ailab.agent.token_budget import message_text
 from ailab.api import security
 from ailab.bench import model_speed as model_bench
-from ailab.config import Settings
 from ailab.errors import BadRequest
 from ailab.finetune.service import gather_records
 from ailab.finetune.spec import parse_spec
@@ -157,27 +155,6 @@ async def model_command(gw: Gateway, value: str | None, _: str) -> CommandResult
     return f"Switched from {previous} to {value} in {seconds:.1f} s", value
 
 
-def _roots_policy(
-    policy: tools.ToolPolicy, settings: Settings, requested: list[str]
-) -> tools.ToolPolicy:
-    """The policy with new tool roots, refusing at run time what only the start-up
-    configuration may share: the whole file system or the whole home folder. Runs in a
-    thread (it resolves paths)."""
-    at_start = {Path(os.path.realpath(p)) for p in settings.tool_roots}
-    everything = {
-        Path("/"): "the whole file system",
-        Path(os.path.realpath(Path.home())): "your whole home folder",
-    }
-    for raw in requested:
-        real = Path(os.path.realpath(os.path.expanduser(raw)))
-        if real in everything and real not in at_start:
-            raise ValueError(
-                f"{raw} would share {everything[real]} with tools; share a project folder, "
-                "or set AILAB_TOOL_ROOTS at start-up if you really mean it"
-            )
-    return policy.with_roots(requested)
-
-
 async def roots_command(gw: Gateway, value: str | None, _: str) -> CommandResult:
     """A change is recorded in the tool audit log with who asked, refused or not: widening
     the roots is what an attacker driving the gateway would do first."""
@@ -197,7 +174,7 @@ async def roots_command(gw: Gateway, value: str | None, _: str) -> CommandResult
         )
         try:
             gw.tool_policy = await asyncio.to_thread(
-                _roots_policy, gw.tool_policy, gw.settings, requested
+                gw.tool_policy.with_runtime_roots, requested, gw.settings.tool_roots
             )
         except ValueError as exc:
             await gw.store.record_tool_call(

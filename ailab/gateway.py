@@ -104,7 +104,9 @@ class Gateway:
         saved_roots = await self.store.get_setting("tool_roots")
         if saved_roots and not self.settings.tool_roots:
             try:
-                self.tool_policy = await asyncio.to_thread(self.tool_policy.with_roots, saved_roots)
+                self.tool_policy = await asyncio.to_thread(
+                    self.tool_policy.with_runtime_roots, saved_roots, self.settings.tool_roots
+                )
             except ValueError as exc:
                 log.warning("ignoring saved tool roots: %s", exc)
         await self.pool.start()

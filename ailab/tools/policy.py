@@ -63,3 +63,23 @@ class ToolPolicy:
     def with_roots(self, roots: Iterable[str | Path]) -> ToolPolicy:
         """This policy sharing other folders; raise ValueError naming one that cannot be."""
         return replace(self, roots=validated_roots(roots, self.protected))
+
+    def with_runtime_roots(
+        self, requested: Iterable[str | Path], start_roots: Iterable[Path]
+    ) -> ToolPolicy:
+        """Roots set while running (/command roots, or saved by it): as with_roots, but the
+        whole file system or the bare home folder only if the start-up configuration
+        (AILAB_TOOL_ROOTS) shared it. Blocking: it resolves paths."""
+        at_start = {Path(os.path.realpath(p)) for p in start_roots}
+        everything = {
+            Path("/"): "the whole file system",
+            Path(os.path.realpath(Path.home())): "your whole home folder",
+        }
+        for raw in requested:
+            real = Path(os.path.realpath(os.path.expanduser(str(raw))))
+            if real in everything and real not in at_start:
+                raise ValueError(
+                    f"{raw} would share {everything[real]} with tools; share a project "
+                    "folder, or set AILAB_TOOL_ROOTS at start-up if you really mean it"
+                )
+        return self.with_roots(requested)
