@@ -76,3 +76,18 @@ def test_tools_refuse_to_work_before_any_root_is_set() -> None:
     result = execute_tool(ToolPolicy(), "list_contents", {})
     assert set(result) == {"status", "error"} and result["status"] == "error"
     assert "no folder is shared" in result["error"]
+
+
+def test_roots_set_while_running_may_not_be_the_home_folder_unless_set_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "alice"
+    (home / "project").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    policy = ToolPolicy()
+    with pytest.raises(ValueError, match="whole home folder"):
+        policy.with_runtime_roots([str(home)], start_roots=())
+    widened = policy.with_runtime_roots([str(home)], start_roots=(home,))
+    assert widened.roots == (Path(os.path.realpath(home)),)
+    project = policy.with_runtime_roots([str(home / "project")], start_roots=())
+    assert project.roots == (Path(os.path.realpath(home / "project")),)
