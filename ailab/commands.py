@@ -177,11 +177,11 @@ async def roots_command(gw: Gateway, value: str | None, _: str) -> CommandResult
                 gw.tool_policy.with_runtime_roots, requested, gw.settings.tool_roots
             )
         except ValueError as exc:
-            await gw.store.record_tool_call(
-                record.model_copy(update={"status": "refused", "error": str(exc)})
+            await gw.store.record_tool_calls(
+                [record.model_copy(update={"status": "refused", "error": str(exc)})]
             )
             raise CommandError(str(exc)) from None
-        await gw.store.record_tool_call(record)
+        await gw.store.record_tool_calls([record])
         await gw.store.set_setting("tool_roots", [str(p) for p in gw.tool_policy.roots])
         log.info("tool roots set to %s by %s (origin %s)", requested, caller.client, caller.origin)
     roots = [str(p) for p in gw.tool_policy.roots]
