@@ -27,7 +27,7 @@ from ailab.finetune.progress import TrainingProgress, parse_line
 from ailab.finetune.service import select_ids
 from ailab.finetune.spec import FinetuneSpec, InsufficientResources, parse_spec
 from ailab.gguf_meta import read_info
-from ailab.storage import Store
+from ailab.storage import Store, TurnCommit
 from tests.conftest import SMOLLM, GatewayProcess, free_port
 
 SYSTEM = "You are a helpful assistant running locally in AI Lab."  # the gateway's default
@@ -117,9 +117,8 @@ def test_bad_specs_are_refused_saying_what_to_fix(text: str, complaint: str) -> 
 def test_conversations_are_chosen_by_id_or_glob_from_the_store(tmp_path: Path) -> None:
     with Store(tmp_path / "db.sqlite3") as store:
         for cid in ("lumen-1", "lumen-2", "other"):
-            store.append_messages(
-                cid, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": cid}]
-            )
+            turn = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": cid}]
+            store.commit_turn(TurnCommit(conversation_id=cid, expected_count=0, messages=turn))
         known = [s.id for s in store.list_conversations()]
         assert sorted(select_ids(FinetuneSpec(name="x", match="lumen-*"), known)) == [
             "lumen-1",
