@@ -19,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from ailab.upstream import binaries
 
@@ -58,6 +59,18 @@ def llama_server_binary() -> Path:
         text=True,
     )
     return Path(built.stdout.strip().splitlines()[-1])
+
+
+def llama_server_busy(server: GatewayProcess) -> bool:
+    """llama-server is working on a request: its own gauge, relayed by the gateway's
+    /metrics (its port needs the gateway's key, which no one else has)."""
+    text = requests.get(f"{server.url}/metrics", timeout=5).text
+    return any(
+        sample.value > 0
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "llamacpp_requests_processing"
+    )
 
 
 @pytest.fixture(scope="session")

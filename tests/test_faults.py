@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import requests
-from conftest import PROJECT_DIR, GatewayProcess, wait_for
+from conftest import PROJECT_DIR, GatewayProcess, llama_server_busy, wait_for
 from test_chat import chat, history, stream_chat
 
 FORCED = {"type": "function", "function": {"name": "get_current_directory"}}
@@ -34,11 +34,6 @@ def sse(lines: Iterator[str]) -> Iterator[tuple[str, dict]]:
             name = line.split(":", 1)[1].strip()
         elif line.startswith("data:") and name:
             yield name, json.loads(line.split(":", 1)[1])
-
-
-def busy_slot(server: GatewayProcess) -> bool:
-    slots = requests.get(f"http://127.0.0.1:{server.llama_port}/slots", timeout=5).json()
-    return any(slot.get("is_processing") for slot in slots)
 
 
 def restarted(server: GatewayProcess, killed: int) -> bool:
@@ -74,7 +69,7 @@ def test_llama_server_killed_while_reading_the_prompt_stores_nothing(make_gatewa
     prompt = "Summarise this. " + "The quick brown fox jumps over the lazy dog. " * 300
     with stream_chat(server, prompt, "prompt-kill", max_tokens=16) as reply:
         assert reply.status_code == 200
-        wait_for(lambda: busy_slot(server), timeout=30, interval=0.02)
+        wait_for(lambda: llama_server_busy(server), timeout=30, interval=0.02)
         killed = kill_llama(server)
         events = list(sse(reply.iter_lines(decode_unicode=True)))
     assert [name for name, _ in events] == ["error"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import GatewayProcess, free_port
+from conftest import GatewayProcess, free_port, llama_server_busy
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 # A turn with tools sends every tool's schema (over 2000 tokens of prompt): minutes on a
@@ -246,9 +246,8 @@ def test_stop_ends_the_answer_and_llama_server_stops_generating(
         expect(page.locator(".notice", has_text="Stopped")).to_be_visible()
         expect(page.locator("#send")).to_be_enabled()
         assert page.locator(".turn-stats").count() == 0  # the answer never finished
-        slots = f"http://127.0.0.1:{gateway.llama_port}/slots"
         deadline = time.monotonic() + 30
-        while any(s["is_processing"] for s in requests.get(slots, timeout=5).json()):
+        while llama_server_busy(gateway):
             assert time.monotonic() < deadline, "llama-server kept generating after Stop"
             time.sleep(0.2)
         stored = history(gateway, current_conversation(page))
