@@ -132,8 +132,8 @@ def _endpoint(gw: Gateway, route: Route) -> Any:
     async def endpoint(request: Request) -> Response:
         body = await request.body()
         try:
-            payload = json.loads(body) if body else {}
-        except ValueError:
+            payload = json.loads(body)
+        except ValueError:  # an empty body too: llama-server would answer it with a 500
             payload = None
         if not isinstance(payload, dict):
             return error_response(route.style, 400, "the request body must be a JSON object")
