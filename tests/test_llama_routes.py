@@ -117,7 +117,12 @@ def test_tokenize_detokenize_and_templates_use_the_named_models_vocabulary(
 def test_a_body_that_is_not_a_json_object_is_400_in_the_apis_shape(
     gateway: GatewayProcess,
 ) -> None:
-    reply = requests.post(f"{gateway.url}/v1/messages", data=b"[1, 2]", timeout=10)
+    reply = requests.post(
+        f"{gateway.url}/v1/messages",
+        data=b"[1, 2]",
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
     assert reply.status_code == 400
     assert reply.json()["error"]["type"] == "invalid_request_error"
     assert "JSON object" in reply.json()["error"]["message"]
