@@ -47,7 +47,11 @@ def test_requests_and_chat_tokens_are_counted_by_route_model_and_status(
         assert completion(gateway).status_code == 200
     chat = requests.post(
         f"{gateway.url}/chat",
-        json={"messages": [{"role": "user", "content": "Hello"}], "conversation_id": "metrics"},
+        json={
+            "messages": [{"role": "user", "content": "Hello"}],
+            "conversation_id": "metrics",
+            "model": "smollm2-135m",
+        },
         timeout=120,
     ).json()
     after = scrape(gateway)
@@ -157,6 +161,7 @@ def test_the_access_log_has_a_line_per_request_without_contents(gateway: Gateway
         json={
             "messages": [{"role": "user", "content": f"Remember {secret}"}],
             "conversation_id": "access-log",
+            "model": "smollm2-135m",
             "max_tokens": 4,
         },
         timeout=120,
