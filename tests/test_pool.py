@@ -36,10 +36,15 @@ def ready_pids(server: GatewayProcess) -> dict[str, int]:
     return {key: m["pid"] for key, m in residents(server).items() if m["state"] == "ready"}
 
 
+def both_ready(server: GatewayProcess) -> dict[str, int] | None:
+    pids = ready_pids(server)
+    return pids if set(pids) == {SMOL, GEMMA} else None
+
+
 def test_both_models_stay_resident_and_alternate_without_a_reload(make_gateway) -> None:  # type: ignore[no-untyped-def]
     server: GatewayProcess = make_gateway({"AILAB_PRELOAD": GEMMA})
-    pids = ready_pids(server)
-    assert set(pids) == {SMOL, GEMMA}
+    # The port opens at once; the preloaded model follows the default in the background.
+    pids = wait_for(lambda: both_ready(server), timeout=120)
     assert sorted(pids.values()) == sorted(server.llama_pids())
     for model in (SMOL, GEMMA, SMOL, GEMMA, None):
         reply = complete(server, model)
@@ -152,7 +157,7 @@ def test_a_model_alone_over_the_budget_is_400_naming_estimate_and_budget(make_ga
 
 def test_sigkill_of_one_models_process_leaves_the_other_serving(make_gateway) -> None:  # type: ignore[no-untyped-def]
     server: GatewayProcess = make_gateway({"AILAB_PRELOAD": GEMMA})
-    pids = ready_pids(server)
+    pids = wait_for(lambda: both_ready(server), timeout=120)
     os.kill(pids[GEMMA], signal.SIGKILL)
     wait_for(lambda: residents(server)[GEMMA]["state"] != "ready", timeout=10, interval=0.02)
     reply = complete(server, SMOL)
