@@ -120,12 +120,12 @@ def _chat_tool(backend: ChatBackend) -> Callable[..., Awaitable[dict[str, Any]]]
         question: Annotated[str, Field(min_length=1, description="What to ask the model")],
         model: Annotated[
             str | None,
-            Field(description="Model key (see AI Lab's /models); default: the loaded one"),
+            Field(description="Model key (see AI Lab's /models); default: the default model"),
         ] = None,
         max_tokens: Annotated[int, Field(ge=1, le=8192, description="Longest answer")] = 512,
     ) -> dict[str, Any]:
-        """Ask one of AI Lab's local models a question and get its answer. Naming a model
-        other than the loaded one switches the gateway to it first."""
+        """Ask one of AI Lab's local models a question and get its answer. A model other
+        than the default is loaded for it (beside the others, as memory allows)."""
         try:
             return await backend(question, model, max_tokens)
         except (AilabError, httpx.HTTPError) as exc:
@@ -152,19 +152,18 @@ def _question(question: str, max_tokens: int) -> dict[str, Any]:
 
 
 def gateway_chat(gw: Gateway) -> ChatBackend:
-    """``chat`` through the gateway's own admission: a queue place, never mid-switch."""
+    """``chat`` through the gateway's own admission and model pool: a queue place, and the
+    named model (the default for none) loaded and serving."""
 
     async def ask(question: str, model: str | None, max_tokens: int) -> dict[str, Any]:
-        if model is not None and model != gw.manager.model_key:
-            await gw.switch_model(model)
-        async with gw.generation():
-            served_by = gw.manager.model_key
+        source = await gw.source_for(model)
+        async with gw.generation(source) as instance:
             body = await proxy.post_json(
-                gw.http,
-                f"{gw.settings.llama_base_url}/v1/chat/completions",
+                instance.http,
+                f"{instance.manager.base_url}/v1/chat/completions",
                 _question(question, max_tokens),
             )
-        return _answer(body, served_by)
+        return _answer(body, instance.key)
 
     return ask
 
