@@ -2,9 +2,36 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="The arguments: a JSON object, as text")
+
+    @field_validator("arguments")
+    @classmethod
+    def json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValueError('tool call arguments must be a JSON object as text, e.g. "{}"')
+        return value
+
+
+class ToolCall(BaseModel):
+    """A tool call of an assistant message, in OpenAI's form."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(BaseModel):
@@ -14,7 +41,7 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "tool"]
     content: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     name: str | None = None
 
