@@ -32,9 +32,9 @@ CONTENT_SECURITY_POLICY = "; ".join(
         "trusted-types dompurify",
     )
 )
+# X-Content-Type-Options comes from the security boundary, on every response.
 SECURITY_HEADERS = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
-    "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",
 }
