@@ -94,6 +94,10 @@ function conversationItem(summary) {
   return item;
 }
 
+function isListed(id) {
+  return state.conversations.some((c) => c.id === id);
+}
+
 async function loadConversations() {
   const text = $("search").value.trim();
   const path = text ? `/conversations/search?q=${encodeURIComponent(text)}` : "/conversations";
@@ -234,13 +238,21 @@ async function runTurn(path, body) {
     else turn.fail(error.message);
   }
   $("stop").disabled = true;
-  await afterTurn();
+  await afterTurn(controller.signal.aborted);
   return refused;
 }
 
-async function afterTurn() {
+// A stopped turn is stored by the gateway just after the stream ends: look a few times.
+const STORED_AFTER_STOP_TRIES = 10;
+const STORED_AFTER_STOP_WAIT_MS = 300;
+
+async function afterTurn(stopped = false) {
   await loadConversations();
-  state.current.saved = state.conversations.some((c) => c.id === state.current.id);
+  for (let tries = 0; stopped && !isListed(state.current.id) && tries < STORED_AFTER_STOP_TRIES; tries++) {
+    await new Promise((resolve) => setTimeout(resolve, STORED_AFTER_STOP_WAIT_MS));
+    await loadConversations();
+  }
+  state.current.saved = isListed(state.current.id);
   showCurrent();
   await refreshHealth();
   await updateBudget();
