@@ -107,8 +107,9 @@ def wait_turn(page: Page) -> None:
 
 def wait_tool_result(page: Page, status: str) -> None:
     """Wait for the tool call's result, then stop the turn: the model's answer after it is
-    not what these tests look at. (Stop itself is tested on its own.)"""
-    panel = page.locator("details.tool")
+    not what these tests look at (the model may even call again). Stop is tested on its
+    own."""
+    panel = page.locator("details.tool").first
     expect(panel.locator(".tool-status")).to_have_text(status, timeout=TURN_TIMEOUT_MS)
     page.evaluate("document.getElementById('stop').click()")  # a no-op if already done
     wait_turn(page)
@@ -432,7 +433,7 @@ def test_a_declined_delete_leaves_the_file(browser: Browser, gemma_gateway: Gate
         ask_to_delete(page, target.name)
         page.locator("section.approval").get_by_role("button", name="Decline").click()
         wait_tool_result(page, "error")
-        expect(page.locator("details.tool .tool-result")).to_contain_text("declined")
+        expect(page.locator("details.tool .tool-result").first).to_contain_text("declined")
         assert target.read_text() == "stay"
         watched.ran_nothing()
 
