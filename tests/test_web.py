@@ -560,14 +560,14 @@ def test_the_page_asks_for_the_api_key_and_keeps_it_for_the_tab_only(
     browser: Browser,
     make_gateway,  # type: ignore[no-untyped-def]
 ) -> None:
-    server = make_gateway({"AILAB_API_KEYS": "web-test-key"})
+    server = make_gateway({"AILAB_API_KEYS": "web-test-key-0123456789"})
     with open_page(browser, server.url) as watched:
         page = watched.page
         expect(page.locator("#key-dialog")).to_be_visible()
-        page.fill("#key-input", "web-test-key")
+        page.fill("#key-input", "web-test-key-0123456789")
         page.click("#key-dialog button[type=submit]")
         expect(page.locator("#health")).to_contain_text("Ready")
-        assert page.evaluate("sessionStorage.getItem('ailab.apiKey')") == "web-test-key"
+        assert page.evaluate("sessionStorage.getItem('ailab.apiKey')") == "web-test-key-0123456789"
         assert page.evaluate("localStorage.length") == 0
         send(page, "Hello")
         wait_turn(page)

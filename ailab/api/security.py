@@ -37,6 +37,8 @@ DEFAULT_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 WILDCARD_BINDS = {"0.0.0.0", "::", ""}
 STATE_CHANGING = {"POST", "PUT", "PATCH", "DELETE"}
 OPEN_ROUTES = {("GET", "/health"), ("HEAD", "/health")}
+# The web page's own files hold no data: a browser must load them to ask for the key.
+OPEN_PAGE = ("/", "/web/")
 # What the API uses: the preflight answer lists no more than that.
 CORS_METHODS = b"GET, POST, DELETE"
 CORS_HEADERS = b"Authorization, Content-Type, X-API-Key"
@@ -191,7 +193,7 @@ class SecurityBoundary:
             if problem:
                 return Reply(403, problem), False
         authorized = self._authorized(headers)
-        if not authorized and (method, scope["path"]) not in OPEN_ROUTES:
+        if not authorized and not _open(method, scope["path"]):
             missing = "authorization" not in headers and "x-api-key" not in headers
             detail = "this gateway needs an API key; " if missing else "the API key is not valid; "
             return Reply(401, detail + KEY_HINT, ((b"www-authenticate", b"Bearer"),)), False
@@ -311,3 +313,11 @@ async def _reply(scope: Scope, send: Send, reply: Reply) -> None:
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def _open(method: str, path: str) -> bool:
+    """Answered without a key: health (the status only) and the web page's files."""
+    if (method, path) in OPEN_ROUTES:
+        return True
+    page = path == OPEN_PAGE[0] or path.startswith(OPEN_PAGE[1])
+    return page and method in ("GET", "HEAD")

@@ -462,12 +462,13 @@ async function start() {
   freshConversation();
   await refreshHealth();
   setInterval(refreshHealth, 3000);
+  // Ready before the first list: with API keys on, that list waits for the key dialog.
+  document.body.dataset.ready = "true";
   try {
     await loadConversations();
   } catch (error) {
     showError(error.message);
   }
-  document.body.dataset.ready = "true";
 }
 
 start();
