@@ -588,7 +588,7 @@ def test_switching_model_shows_the_new_state(browser: Browser, make_gateway) -> 
         smollm = page.locator('.model[data-key="smollm2-135m"]')
         expect(smollm.locator(".model-state")).to_have_text("ready")
         expect(gemma.locator(".model-state")).to_have_text("unloaded")
-        gemma.get_by_role("button", name=re.compile("^Switch to")).click()
+        gemma.get_by_role("button", name=re.compile("^Set default")).click()
         expect(gemma.locator(".model-state")).to_have_text("ready", timeout=TURN_TIMEOUT_MS)
         expect(smollm.locator(".model-state")).to_have_text("unloaded")
         expect(page.locator("#health")).to_contain_text("Gemma")
