@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(900)
 XSS_MARK = "xss-ran"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # its event loop must end before other modules' asyncio.run
 def browser() -> Iterator[Browser]:
     chromium = shutil.which("chromium")
     if chromium is None:
