@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from ailab.mcp import config as mcp_config
 
@@ -138,6 +138,8 @@ class Settings(BaseModel):
     # SHA-256 hex digests only: a key itself is never kept, so it cannot leak in a repr.
     api_key_sha256: tuple[str, ...] = ()
     allow_no_auth: bool = False
+    # The key AI Lab's own clients (ailab-mcp's `chat`) send to a gateway that requires one.
+    gateway_api_key: SecretStr | None = None
     metrics: bool = True  # /metrics and the access log
     access_log_console: bool = False  # the access log's lines on the console too
     mcp_config_file: Path | None = None
@@ -176,6 +178,7 @@ class Settings(BaseModel):
 # Environment variable -> Settings field. Kept as data so errors can name the variable.
 ENV_FIELDS: dict[str, str] = {
     "AILAB_HOST": "host",
+    "AILAB_API_KEY": "gateway_api_key",
     "AILAB_PORT": "port",
     "AILAB_LLAMA_PORT": "llama_port",
     "LLAMA_SERVER_PATH": "llama_server_path",

@@ -160,9 +160,35 @@ def test_chat_over_stdio_without_a_gateway_is_a_tool_error_naming_the_fix(
     assert "ailab-server" in text_of(result)
 
 
-def test_over_http_at_mcp_the_api_key_rules_apply(make_gateway) -> None:  # type: ignore[no-untyped-def]
-    key = "mcp-test-key-0123456789"
-    server: GatewayProcess = make_gateway({"AILAB_API_KEYS": key})
+MCP_KEY = "mcp-test-key-0123456789"
+
+
+@pytest.fixture
+def keyed_gateway(make_gateway) -> GatewayProcess:  # type: ignore[no-untyped-def]
+    return make_gateway({"AILAB_API_KEYS": MCP_KEY})
+
+
+def test_chat_over_stdio_sends_AILAB_API_KEY_to_a_keyed_gateway(
+    keyed_gateway: GatewayProcess, tmp_path: Path
+) -> None:
+    question = {"question": "Say hello.", "max_tokens": 4}
+    port = str(keyed_gateway.port)
+
+    def ask(**env: str) -> CallToolResult:
+        stdio = stdio_server(tmp_path, tmp_path / "data", AILAB_PORT=port, **env)
+        return with_client(stdio, lambda client: client.call_tool("chat", question))
+
+    keyless = ask()
+    assert keyless.is_error
+    assert "401" in text_of(keyless)
+    keyed = ask(AILAB_API_KEY=MCP_KEY)
+    assert not keyed.is_error, text_of(keyed)
+    assert keyed.structured_content["tokens_generated"] > 0
+
+
+def test_over_http_at_mcp_the_api_key_rules_apply(keyed_gateway: GatewayProcess) -> None:
+    key = MCP_KEY
+    server = keyed_gateway
     hello = {
         "jsonrpc": "2.0",
         "id": 1,

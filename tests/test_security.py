@@ -245,10 +245,10 @@ def test_json_with_a_charset_passes(open_gw: GatewayProcess) -> None:
 
 
 def test_preflights_are_answered_only_for_listed_origins(open_gw: GatewayProcess) -> None:
-    def preflight(origin: str) -> requests.Response:
+    def preflight(origin: str, method: str = "POST") -> requests.Response:
         headers = {
             "Origin": origin,
-            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Method": method,
             "Access-Control-Request-Headers": "authorization, content-type",
         }
         return requests.options(f"{open_gw.url}/chat", headers=headers, timeout=10)
@@ -259,6 +259,8 @@ def test_preflights_are_answered_only_for_listed_origins(open_gw: GatewayProcess
     assert "POST" in allowed.headers["Access-Control-Allow-Methods"]
     allowed_headers = allowed.headers["Access-Control-Allow-Headers"].lower()
     assert "authorization" in allowed_headers and "content-type" in allowed_headers
+    # Renaming a conversation is a PATCH: a listed web app must be allowed to send it.
+    assert "PATCH" in preflight(APP_ORIGIN, "PATCH").headers["Access-Control-Allow-Methods"]
     refused = preflight(EVIL_ORIGIN)
     assert refused.status_code == 403
     assert "Access-Control-Allow-Origin" not in refused.headers

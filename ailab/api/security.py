@@ -40,7 +40,7 @@ OPEN_ROUTES = {("GET", "/health"), ("HEAD", "/health")}
 # The web page's own files hold no data: a browser must load them to ask for the key.
 OPEN_PAGE = ("/", "/web/")
 # What the API uses: the preflight answer lists no more than that.
-CORS_METHODS = b"GET, POST, DELETE"
+CORS_METHODS = b"GET, POST, PATCH, DELETE"
 CORS_HEADERS = b"Authorization, Content-Type, X-API-Key"
 CORS_MAX_AGE = b"600"
 NOSNIFF = (b"x-content-type-options", b"nosniff")

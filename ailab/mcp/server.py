@@ -196,11 +196,13 @@ def gateway_url(settings: Settings) -> str:
     return f"http://{host}:{settings.port}"
 
 
-def http_chat(base_url: str) -> ChatBackend:
-    """``chat`` from the stdio server: the running gateway answers over HTTP."""
+def http_chat(base_url: str, api_key: str | None = None) -> ChatBackend:
+    """``chat`` from the stdio server: the running gateway answers over HTTP, given
+    `api_key` when it requires one."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
 
     async def ask(question: str, model: str | None, max_tokens: int) -> dict[str, Any]:
-        async with httpx.AsyncClient(base_url=base_url, timeout=600) as http:
+        async with httpx.AsyncClient(base_url=base_url, timeout=600, headers=headers) as http:
             try:
                 loaded = (await http.get("/health")).json().get("model_key")
                 if model is not None and model != loaded:
@@ -241,7 +243,8 @@ def main() -> None:
     except ConfigError as exc:
         print(f"ailab-mcp: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    build_server(lambda: policy, http_chat(gateway_url(settings))).run("stdio")
+    key = settings.gateway_api_key.get_secret_value() if settings.gateway_api_key else None
+    build_server(lambda: policy, http_chat(gateway_url(settings), key)).run("stdio")
 
 
 if __name__ == "__main__":
