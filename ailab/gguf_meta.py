@@ -71,6 +71,7 @@ class GgufInfo:
     path: Path
     metadata: dict[str, Any]
     tokens: list[str] = field(default_factory=list)
+    n_tokens: int = 0  # the vocabulary's size, also when its texts were not read
     token_types: list[int] = field(default_factory=list)
     tensors: dict[str, GgufTensor] = field(default_factory=dict)
     data_start: int = 0
@@ -138,8 +139,9 @@ class _Cursor:
         return self.unpack(_SCALARS[kind])
 
 
-def read_info(path: Path) -> GgufInfo:
-    """Parse a GGUF file's header; raises GgufError for anything else."""
+def read_info(path: Path, vocabulary: bool = True) -> GgufInfo:
+    """Parse a GGUF file's header; raises GgufError for anything else. Without
+    `vocabulary`, the token texts and types are skipped (only their count is kept)."""
     with path.open("rb") as handle:
         try:
             data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
@@ -147,12 +149,12 @@ def read_info(path: Path) -> GgufInfo:
             raise GgufError(f"{path} is empty") from None
         with data:
             try:
-                return _parse(path, data)
+                return _parse(path, data, vocabulary)
             except (struct.error, IndexError):
                 raise GgufError(f"{path} is not a complete GGUF file") from None
 
 
-def _parse(path: Path, data: mmap.mmap) -> GgufInfo:
+def _parse(path: Path, data: mmap.mmap, vocabulary: bool) -> GgufInfo:
     if data[:4] != MAGIC:
         raise GgufError(f"{path} is not a GGUF file")
     cursor = _Cursor(data)
@@ -164,9 +166,11 @@ def _parse(path: Path, data: mmap.mmap) -> GgufInfo:
     info = GgufInfo(path=path, metadata={})
     for _ in range(n_kv):
         key, kind = cursor.string(), cursor.unpack("I")
-        if key == TOKENS_KEY and kind == _ARRAY:
+        if key == TOKENS_KEY and kind == _ARRAY and not vocabulary:
+            info.n_tokens = _skip_strings(cursor, info)
+        elif key == TOKENS_KEY and kind == _ARRAY:
             _read_tokens(cursor, info)
-        elif key == TYPES_KEY and kind == _ARRAY:
+        elif key == TYPES_KEY and kind == _ARRAY and vocabulary:
             _read_types(cursor, info)
         else:
             info.metadata[key] = cursor.value(kind)
@@ -187,6 +191,17 @@ def _read_tokens(cursor: _Cursor, info: GgufInfo) -> None:
     for _ in range(count):
         info.token_offsets.append(cursor.pos)
         info.tokens.append(cursor.string())
+    info.n_tokens = count
+
+
+def _skip_strings(cursor: _Cursor, info: GgufInfo) -> int:
+    item_kind, count = cursor.unpack("I"), cursor.unpack("Q")
+    if item_kind != _STRING:
+        raise GgufError(f"{info.path}: {TOKENS_KEY} is not a string array")
+    for _ in range(count):
+        length = cursor.unpack("Q")  # read first: it moves the cursor
+        cursor.pos += length
+    return int(count)
 
 
 def _read_types(cursor: _Cursor, info: GgufInfo) -> None:

@@ -24,8 +24,9 @@ import psutil
 
 from ailab.config import ModelSource, Settings
 from ailab.errors import AilabError
+from ailab.gguf_meta import GgufError
 from ailab.upstream import binaries, budget, proxy
-from ailab.upstream.gguf_header import GGUFHeaderError, read_shape
+from ailab.upstream.gguf_header import read_shape
 from ailab.upstream.supervisor import (
     LlamaServerManager,
     LlamaStartError,
@@ -351,7 +352,7 @@ class ModelPool:
         if cache_key not in self._estimates:
             try:
                 shape: budget.ModelShape | None = read_shape(path)
-            except (GGUFHeaderError, OSError) as exc:
+            except (GgufError, OSError) as exc:
                 log.warning("%s: no shape in the GGUF header (%s); counting the file", path, exc)
                 shape = None
             self._estimates[cache_key] = budget.estimate_mb(stat.st_size, shape, n_ctx, outputs)
