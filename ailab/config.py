@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
@@ -404,10 +405,42 @@ def _load_extra_models(settings: Settings) -> dict[str, dict[str, Any]]:
     if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
         raise ConfigError("AILAB_EXTRA_MODELS must hold a JSON object of model key -> entry")
     for key, entry in entries.items():
-        if "filename" not in entry and "hf_repo" not in entry:
-            raise ConfigError(f"AILAB_EXTRA_MODELS: model {key!r} needs a filename or hf_repo")
+        if "url" in entry:
+            _check_remote_entry(key, entry)
+        elif "filename" not in entry and "hf_repo" not in entry:
+            raise ConfigError(
+                f"AILAB_EXTRA_MODELS: model {key!r} needs a filename, an hf_repo or a url"
+            )
         entry.setdefault("name", key)
     return entries
+
+
+def _check_remote_entry(key: str, entry: dict[str, Any]) -> None:
+    """Validate a remote upstream's entry in place; its key becomes a SecretStr at once,
+    so no dump or repr of the registry can show it."""
+    where = f"AILAB_EXTRA_MODELS: remote model {key!r}"
+    try:
+        parts = urlsplit(entry["url"]) if isinstance(entry["url"], str) else None
+        _ = parts and parts.port  # a port out of range raises here
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ConfigError(f"{where}: url must be an http:// or https:// address")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ConfigError(
+            f"{where}: url must hold no user, password, query or fragment (give the key as api_key)"
+        )
+    if parts.path.rstrip("/").endswith("/v1"):
+        raise ConfigError(f"{where}: url is the server's root, without /v1")
+    key_value = entry.get("api_key")
+    if key_value is not None and not (isinstance(key_value, str) and key_value):
+        raise ConfigError(f"{where}: api_key must be a non-empty string")
+    entry["api_key"] = SecretStr(key_value) if key_value else None
+    if "model" in entry and not (isinstance(entry["model"], str) and entry["model"]):
+        raise ConfigError(f"{where}: model (its name on the remote side) must be a string")
+    limit = entry.get("max_concurrency")
+    if limit is not None and not (isinstance(limit, int) and limit >= 1):
+        raise ConfigError(f"{where}: max_concurrency must be a whole number >= 1")
 
 
 def _discover_custom_models(settings: Settings) -> dict[str, dict[str, Any]]:
@@ -455,9 +488,10 @@ def list_available_models(settings: Settings, include_finetuned: bool = True) ->
 
 
 class ModelSource(BaseModel):
-    """Where a model's weights come from: a local file or a Hugging Face repository."""
+    """Where a model is served from: a local file, a Hugging Face repository, or a remote
+    OpenAI-compatible server (``url``)."""
 
-    kind: Literal["local", "local_finetuned", "huggingface"]
+    kind: Literal["local", "local_finetuned", "huggingface", "remote"]
     key: str
     name: str
     path: Path | None = None
@@ -468,6 +502,17 @@ class ModelSource(BaseModel):
     pinned: bool = False  # never unloaded to make room or for idling
     ttl_s: float | None = None  # idle seconds before unloading; None = AILAB_MODEL_TTL
     reranker: bool = False  # started with --reranking; serves /v1/rerank
+    # A remote upstream: its root URL, its key (masked in every repr and dump), the name
+    # it knows the model by (None: it gets the key), how many requests it takes at once.
+    url: str | None = None
+    api_key: SecretStr | None = None
+    remote_model: str | None = None
+    max_concurrency: int | None = None
+
+    @property
+    def remote_name(self) -> str:
+        """The model name a remote upstream is sent."""
+        return self.remote_model or self.key
 
 
 def model_path(settings: Settings, entry: dict[str, Any]) -> Path | None:
@@ -510,6 +555,15 @@ def get_model_source(settings: Settings, model_key: str) -> ModelSource:
         "ttl_s": entry.get("ttl"),
         "reranker": bool(entry.get("reranker")),
     }
+    if entry.get("url"):
+        return ModelSource(
+            kind="remote",
+            url=entry["url"].rstrip("/"),
+            api_key=entry.get("api_key"),
+            remote_model=entry.get("model"),
+            max_concurrency=entry.get("max_concurrency"),
+            **common,
+        )
     if entry.get("is_finetuned"):
         return ModelSource(kind="local_finetuned", path=path, **common)
     if entry.get("hf_repo") and (path is None or not path.exists()):

@@ -110,7 +110,10 @@ class Gateway:
             except ValueError as exc:
                 log.warning("ignoring saved tool roots: %s", exc)
         await self.pool.start()
-        keys = list(dict.fromkeys([self.default_model, *self.settings.preload]))
+        registry = await asyncio.to_thread(config.get_all_models, self.settings)
+        # Remote upstreams are checked from the start, so /models shows whether they answer.
+        remotes = [key for key, entry in registry.items() if entry.get("url")]
+        keys = list(dict.fromkeys([self.default_model, *self.settings.preload, *remotes]))
         for key in keys:  # unknown keys fail here, before the port opens
             self.pool.instance(await asyncio.to_thread(self.model_source, key))
         # The port opens while the models load (or download): /health says "loading" and
@@ -183,6 +186,7 @@ class Gateway:
                 lambda: self.tool_policy,
                 self.mcp,
                 self.metrics,
+                model=instance.source.remote_name if instance.remote else None,
             )
             self._engines[instance.id] = engine
         return engine
@@ -193,8 +197,9 @@ class Gateway:
         infos = []
         for key, entry in config.get_all_models(self.settings).items():
             path = config.model_path(self.settings, entry)
-            exists = bool(path and path.is_file())
             source = self.model_source(key)
+            # A remote model has nothing to download: it is there as soon as registered.
+            exists = bool(path and path.is_file()) or source.url is not None
             main = self.instance_status(source)
             embeddings = self.pool.instances.get(instance_id(source, "embed"))
             infos.append(
@@ -213,6 +218,7 @@ class Gateway:
                     base_model=entry.get("base_model"),
                     pinned=source.pinned,
                     reranker=source.reranker,
+                    url=source.url,
                     **main.model_dump(exclude={"id", "purpose"}),
                     embeddings=self.instance_status(source, "embed") if embeddings else None,
                 )
@@ -288,7 +294,9 @@ class Gateway:
     def _loadable_source(self, key: str) -> ModelSource:
         """The model's source, or why it cannot load (runs in a thread: it stats files)."""
         source = self.model_source(key)
-        if source.kind != "huggingface" and not (source.path and source.path.is_file()):
+        if source.kind in ("local", "local_finetuned") and not (
+            source.path and source.path.is_file()
+        ):
             raise ModelFileMissing(
                 f"model {key!r} has no file at {source.path}; put the GGUF there "
                 "(make models fetches the bundled ones)"
@@ -533,7 +541,8 @@ class Gateway:
         self.metrics.conversations.set(len(conversations))
         size = await asyncio.to_thread(_file_size, self.settings.database_path)
         self.metrics.database_bytes.set(size)
-        running = [i for i in self.pool.instances.values() if i.serving]
+        # A remote upstream's metrics are its own server's to publish.
+        running = [i for i in self.pool.instances.values() if i.serving and not i.remote]
         texts = await asyncio.gather(*(self._llama_metrics(i) for i in running))
         own = generate_latest(self.metrics.registry).decode()
         return own + llama_metrics_text(

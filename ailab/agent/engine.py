@@ -131,8 +131,12 @@ class ChatEngine:
         tool_policy: Callable[[], tools.ToolPolicy],
         extra_tools: ExtraTools | None = None,
         metrics: Metrics | None = None,
+        model: str | None = None,
     ) -> None:
         self.http = http
+        # The model field of every request: a remote upstream may serve several models;
+        # a local llama-server serves one and is sent none.
+        self._model = {"model": model} if model else {}
         self.metrics = metrics
         self.store = store
         self.llama_url = llama_url
@@ -143,7 +147,9 @@ class ChatEngine:
 
     async def _tokenize(self, text: str) -> int:
         body = await proxy.post_json(
-            self.http, f"{self.llama_url}/tokenize", {"content": text, "add_special": False}
+            self.http,
+            f"{self.llama_url}/tokenize",
+            {**self._model, "content": text, "add_special": False},
         )
         return len(body.get("tokens", []))
 
@@ -211,11 +217,10 @@ class ChatEngine:
 
     # --- one model call --------------------------------------------------------------
 
-    @staticmethod
     def _payload(
-        opts: TurnOptions, messages: list[Message], schemas: list[dict[str, Any]] | None
+        self, opts: TurnOptions, messages: list[Message], schemas: list[dict[str, Any]] | None
     ) -> dict[str, Any]:
-        payload: dict[str, Any] = {"messages": messages, **opts.sampling}
+        payload: dict[str, Any] = {**self._model, "messages": messages, **opts.sampling}
         if schemas:
             # A forced choice was served by _forced_call on the first call; after it, and
             # for "auto", the model decides.
@@ -264,6 +269,7 @@ class ChatEngine:
         name = opts.named_tool
         schema, instruction = _forced_schema(name, available)
         payload: dict[str, Any] = {
+            **self._model,
             **opts.sampling,
             # Arguments (a file's content, say) may need more room than the answer.
             "max_tokens": max(int(opts.sampling.get("max_tokens") or 0), FORCED_CALL_TOKENS),

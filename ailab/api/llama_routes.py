@@ -166,6 +166,8 @@ async def _forward(
     resources = contextlib.AsyncExitStack()
     try:
         instance = await resources.enter_async_context(gw.generation(source, route.purpose))
+        if instance.remote:
+            body = _naming(source.remote_name, payload, body)
         upstream = instance.http.build_request(
             "POST",
             f"{instance.manager.base_url}{route.path}",
@@ -178,7 +180,7 @@ async def _forward(
         response = await proxy.send(instance.http, upstream)
     except httpx.HTTPError as exc:
         await resources.aclose()
-        message = f"{source.key}: llama-server is not reachable: {exc}"
+        message = f"{source.key}: {source.url or 'llama-server'} is not reachable: {exc}"
         raise proxy.UpstreamError(message, 503) from exc
     except BaseException:
         await resources.aclose()
@@ -189,6 +191,13 @@ async def _forward(
         status_code=response.status_code,
         media_type=response.headers.get("content-type", "application/json"),
     )
+
+
+def _naming(model: str, payload: dict[str, Any], body: bytes) -> bytes:
+    """The body with the model named as a remote upstream knows it."""
+    if payload.get("model") == model:
+        return body
+    return json.dumps({**payload, "model": model}).encode()
 
 
 class _ProxiedStream(StreamingResponse):

@@ -204,6 +204,7 @@ class ModelInfo(BaseModel):
     base_model: str | None
     pinned: bool
     reranker: bool
+    url: str | None = None  # a remote upstream's address (never its key)
     state: InstanceState
     message: str | None
     download: DownloadInfo | None

@@ -27,6 +27,7 @@ from ailab.errors import AilabError
 from ailab.gguf_meta import GgufError
 from ailab.upstream import binaries, budget, proxy
 from ailab.upstream.gguf_header import read_shape
+from ailab.upstream.remote import RemoteUpstream
 from ailab.upstream.supervisor import (
     LlamaServerManager,
     LlamaStartError,
@@ -85,7 +86,7 @@ class Instance:
     key: str
     purpose: Purpose
     source: ModelSource
-    manager: LlamaServerManager
+    manager: LlamaServerManager | RemoteUpstream
     http: httpx.AsyncClient
     pinned: bool
     ttl_s: float
@@ -107,7 +108,13 @@ class Instance:
         return instance_id(self.source, self.purpose)
 
     @property
+    def remote(self) -> bool:
+        return isinstance(self.manager, RemoteUpstream)
+
+    @property
     def holds_memory(self) -> bool:
+        if self.remote:
+            return False  # on another machine: never in the budget, never evicted
         return self.reserved or self.manager.state not in HOLDS_NO_MEMORY
 
     @property
@@ -200,10 +207,14 @@ class ModelPool:
         """The instance of a model for a purpose, created (unloaded) on first use."""
         if source.reranker:
             purpose = "rerank"
+        elif source.url is not None:
+            purpose = "generate"  # one instance for every purpose: the remote has its own
         key = instance_id(source, purpose)
         existing = self.instances.get(key)
         if existing is not None:
             return existing
+        if source.url is not None:
+            return self._remote_instance(source, purpose)
         extra = {"embed": EMBEDDING_ARGS, "rerank": RERANK_ARGS}.get(purpose, [])
         started_source = source.model_copy(update={"extra_args": [*source.extra_args, *extra]})
         http, transport = proxy.make_client(self._api_key)
@@ -234,6 +245,21 @@ class ModelPool:
         self.instances[instance.id] = instance
         return instance
 
+    def _remote_instance(self, source: ModelSource, purpose: Purpose) -> Instance:
+        manager = RemoteUpstream(self.settings, source)
+        manager.on_state = self._notify
+        instance = Instance(
+            key=source.key,
+            purpose=purpose,
+            source=source,
+            manager=manager,
+            http=manager.http,
+            pinned=source.pinned,
+            ttl_s=0.0,
+        )
+        self.instances[instance.id] = instance
+        return instance
+
     def resident(self) -> list[Instance]:
         return [i for i in self.instances.values() if i.holds_memory]
 
@@ -250,9 +276,14 @@ class ModelPool:
         waits at most the switch wait, then raises PoolRefused or LlamaUnavailable."""
         instance = self.instance(source, purpose)
         await self._until_serving(instance, time.monotonic() + self.settings.switch_wait_s)
+        if isinstance(instance.manager, RemoteUpstream):
+            limit = instance.manager.slot(self.settings.switch_wait_s)
+        else:
+            limit = contextlib.nullcontext()
         instance.in_flight += 1  # no await since the check: nobody can unload it between
         try:
-            yield instance
+            async with limit:
+                yield instance
         finally:
             instance.in_flight -= 1
             instance.last_used = time.monotonic()
@@ -296,6 +327,9 @@ class ModelPool:
 
     async def _place_and_start(self, instance: Instance, deadline: float) -> None:
         """Reserve room (evicting idle models, or waiting for busy ones), then start."""
+        if instance.remote:
+            await instance.manager.start(instance.source)  # takes no room here
+            return
         if instance.estimate_mb is None:
             instance.estimate_mb = await asyncio.to_thread(
                 self.estimate, instance.source, instance.purpose
