@@ -853,12 +853,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-switch", action="store_true", help="skip the model-switch phase")
     parser.add_argument("--no-pool", action="store_true", help="skip the model-pool phase")
     parser.add_argument("--pool-only", action="store_true", help="run only the model-pool phase")
+    parser.add_argument("--no-remote", action="store_true", help="skip the remote-upstream phase")
+    parser.add_argument(
+        "--remote-only", action="store_true", help="run only the remote-upstream phase"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON goes")
     return parser.parse_args(argv)
 
 
 def run_phases(bench: Bench, args: argparse.Namespace, log_dir: Path) -> None:
     from ailab.bench.pool import phase_pool
+    from ailab.bench.remote import phase_remote
 
     phases: list[tuple[str, Callable[[], None]]] = [
         ("non-streamed latency", lambda: phase_non_streamed(bench)),
@@ -870,10 +875,16 @@ def run_phases(bench: Bench, args: argparse.Namespace, log_dir: Path) -> None:
     if not args.no_switch:
         phases.append(("model switch", lambda: phase_switch(bench, log_dir)))
     pool_phase = ("model pool", lambda: bench.pool_rows.extend(phase_pool(bench, log_dir)))
+    remote_phase = ("remote upstream", lambda: phase_remote(bench, log_dir))
     if args.pool_only:
         phases = [pool_phase]
-    elif not args.no_pool:
-        phases.append(pool_phase)
+    elif args.remote_only:
+        phases = [remote_phase]
+    else:
+        if not args.no_pool:
+            phases.append(pool_phase)
+        if not args.no_remote:
+            phases.append(remote_phase)
     for name, phase in phases:
         started = time.perf_counter()
         with console.status(f"measuring {name}..."):
