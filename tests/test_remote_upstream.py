@@ -378,6 +378,28 @@ def test_parallel_requests_to_a_remote_and_a_local_model_both_answer(setup: Setu
     assert results == {"far-smol": 200, "smollm2-135m": 200}
 
 
+def test_a_gateway_whose_default_model_is_remote_starts_no_llama_server(
+    setup: Setup, make_gateway, tmp_path: Path
+) -> None:
+    extra = tmp_path / "remote-default.json"
+    entry = {"url": setup.far.url, "api_key": REMOTE_KEY, "context_length": 4096}
+    extra.write_text(json.dumps({"far-smol": entry}))
+    thin: GatewayProcess = make_gateway(
+        {"AILAB_EXTRA_MODELS": str(extra), "AILAB_DEFAULT_MODEL": "far-smol"}
+    )
+    health = requests.get(f"{thin.url}/health", timeout=10).json()
+    assert (health["status"], health["model_key"]) == ("ok", "far-smol")
+    assert health["device"] == "remote (127.0.0.1)" and health["pid"] is None
+    assert thin.llama_pids() == []
+    before = setup.far.predicted_tokens()
+    ask = {"messages": [{"role": "user", "content": "Say hi."}], **SMALL}
+    reply = requests.post(f"{thin.url}/v1/chat/completions", json=ask, timeout=120)
+    assert reply.status_code == 200, reply.text
+    chat = requests.post(f"{thin.url}/chat", json={"conversation_id": "thin", **ask}, timeout=120)
+    assert chat.status_code == 200 and chat.json()["model_key"] == "far-smol"
+    assert setup.far.predicted_tokens() > before
+
+
 # --- the registry entry ---------------------------------------------------------------
 
 
