@@ -246,7 +246,7 @@ class ModelPool:
         return instance
 
     def _remote_instance(self, source: ModelSource, purpose: Purpose) -> Instance:
-        manager = RemoteUpstream(self.settings, source)
+        manager = RemoteUpstream(source)
         manager.on_state = self._notify
         instance = Instance(
             key=source.key,

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from ailab.config import ModelSource, Settings
+from ailab.config import ModelSource
 from ailab.errors import Unavailable
 from ailab.upstream import proxy
 from ailab.upstream.supervisor import HEALTH_STATUS, LlamaStartError, ManagerState
@@ -43,16 +43,15 @@ class RemoteBusy(Unavailable):
 class RemoteUpstream:
     """One remote server standing in for a model; not a process."""
 
-    def __init__(self, settings: Settings, source: ModelSource) -> None:
+    def __init__(self, source: ModelSource) -> None:
         assert source.url is not None
-        self.settings = settings
         self.model = source
         self.base_url = source.url
         parts = urlsplit(source.url)
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.device = f"remote ({parts.hostname})"
         key = source.api_key.get_secret_value() if source.api_key else None
-        self.http, self.transport = proxy.make_client(key)
+        self.http, _ = proxy.make_client(key)
         # Health checks get a client of their own, so they never queue behind generations.
         auth = {"Authorization": f"Bearer {key}"} if key else None
         self._checks = httpx.AsyncClient(timeout=HEALTH_TIMEOUT_S, headers=auth, trust_env=False)
@@ -105,8 +104,7 @@ class RemoteUpstream:
         """Check the remote once; keep checking in the background either way. Raises
         LlamaStartError with the reason when it does not answer now."""
         self.model = source
-        if self._monitor is not None:
-            self._monitor.cancel()
+        await self._end_checks()
         self._set_state(ManagerState.STARTING, f"connecting to {self.base_url}")
         problem = await self.check()
         self._set_state(*((ManagerState.READY, None) if problem is None else self._down(problem)))
@@ -116,26 +114,18 @@ class RemoteUpstream:
 
     async def stop(self) -> None:
         """Stop checking; requests in flight finish on their own connections."""
-        if self._monitor is not None:
-            self._monitor.cancel()
-            self._monitor = None
+        await self._end_checks()
         self._set_state(ManagerState.STOPPED)
 
-    async def restart(self, source: ModelSource | None = None) -> None:
-        await self.stop()
-        await self.start(source or self.model)
+    async def _end_checks(self) -> None:
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            monitor.cancel()
+            await asyncio.gather(monitor, return_exceptions=True)
 
     async def close(self) -> None:
         await self.stop()
         await self._checks.aclose()
-
-    async def wait_until_serving(self, timeout_s: float) -> None:
-        """Return at once when it answers; raise LlamaStartError with the reason if not."""
-        if self.state != ManagerState.READY:
-            raise LlamaStartError(f"{self.model_key}: {self.message or self.state}", 503)
-
-    async def is_healthy(self) -> bool:
-        return await self.check() is None
 
     # --- health ----------------------------------------------------------------------
 
