@@ -129,6 +129,8 @@ def setup(
             "AILAB_EXTRA_MODELS": str(extra),
             "AILAB_TOOL_ROOTS": str(workspace),
             "AILAB_SWITCH_WAIT": "1",  # how long a request waits for a max_concurrency place
+            # Room for one local model: the remotes, all ready beside it, take none.
+            "AILAB_MAX_LOADED_MODELS": "1",
         },
     )
     gateway.data_dir.mkdir()
@@ -152,9 +154,14 @@ def post(setup: Setup, path: str, body: dict, status: int = 200) -> dict:
 
 
 def test_a_remote_model_is_listed_with_its_state_and_address(setup: Setup) -> None:
-    far = setup.models()["far-smol"]
+    models = setup.models()
+    far = models["far-smol"]
     assert (far["state"], far["url"], far["exists"]) == ("ready", setup.far.url, True)
     assert far["memory_estimate_mb"] is None and far["pid"] is None
+    # Several remotes ready and the local default still loaded, with room for one model.
+    assert models["smollm2-135m"]["state"] == "ready"
+    health = requests.get(f"{setup.gateway.url}/health", timeout=10).json()
+    assert [m["id"] for m in health["models"]] == ["smollm2-135m"]
     v1 = requests.get(f"{setup.gateway.url}/v1/models", timeout=10).json()["data"]
     assert {m["id"]: m["state"] for m in v1}["far-smol"] == "ready"
 
