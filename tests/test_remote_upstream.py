@@ -350,6 +350,9 @@ def test_a_remote_taken_down_gives_503_with_the_reason_and_local_models_keep_wor
 ) -> None:
     ask = {"messages": [{"role": "user", "content": "Say hi."}], **SMALL}
     setup.doomed.stop()
+    # Whether the gateway has noticed yet or this request is the one that finds out.
+    answer = post(setup, "/v1/chat/completions", {"model": "doomed", **ask}, status=503)
+    assert "is not reachable" in answer["error"]["message"]
     failed = wait_for(lambda: (m := setup.models()["doomed"])["state"] == "failed" and m)
     assert setup.doomed.url in failed["message"] and "not reachable" in failed["message"]
     answer = post(setup, "/v1/chat/completions", {"model": "doomed", **ask}, status=503)

@@ -7,7 +7,7 @@ case is retried: nothing was answered, so nothing can be duplicated.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,16 +28,24 @@ def _is_stale_connection(exc: httpx.HTTPError) -> bool:
     return isinstance(exc, httpx.RemoteProtocolError) and DISCONNECTED_BEFORE_RESPONSE in str(exc)
 
 
-def make_client(api_key: str | None = None) -> tuple[httpx.AsyncClient, httpx.AsyncHTTPTransport]:
+Wrap = Callable[[httpx.AsyncHTTPTransport], httpx.AsyncBaseTransport]
+
+
+def make_client(
+    api_key: str | None = None, wrap: Wrap | None = None
+) -> tuple[httpx.AsyncClient, httpx.AsyncHTTPTransport]:
     """The pooled client, and its transport so idle connections can be dropped. With
-    `api_key`, every request carries llama-server's key."""
+    `api_key`, every request carries that key; `wrap` puts a layer around the transport."""
     # Generation can take minutes; only connecting is bounded tightly.
     timeout = httpx.Timeout(connect=5.0, read=None, write=30.0, pool=30.0)
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
     transport = httpx.AsyncHTTPTransport(limits=limits)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     client = httpx.AsyncClient(
-        transport=transport, timeout=timeout, trust_env=False, headers=headers
+        transport=wrap(transport) if wrap else transport,
+        timeout=timeout,
+        trust_env=False,
+        headers=headers,
     )
     return client, transport
 

@@ -40,6 +40,24 @@ class RemoteBusy(Unavailable):
     """Every place a remote upstream allows (max_concurrency) stayed taken too long."""
 
 
+class _Noticing(httpx.AsyncBaseTransport):
+    """The pooled transport, telling its remote when a connection cannot be made."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, unreachable: asyncio.Event) -> None:
+        self._inner = inner
+        self._unreachable = unreachable
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await self._inner.handle_async_request(request)
+        except httpx.ConnectError:
+            self._unreachable.set()
+            raise
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 class RemoteUpstream:
     """One remote server standing in for a model; not a process."""
 
@@ -51,7 +69,10 @@ class RemoteUpstream:
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.device = f"remote ({parts.hostname})"
         key = source.api_key.get_secret_value() if source.api_key else None
-        self.http, _ = proxy.make_client(key)
+        # A request that cannot connect has the remote checked at once, not at the next
+        # interval, so the requests after it get the reason without trying.
+        self._unreachable = asyncio.Event()
+        self.http, _ = proxy.make_client(key, lambda inner: _Noticing(inner, self._unreachable))
         # Health checks get a client of their own, so they never queue behind generations.
         auth = {"Authorization": f"Bearer {key}"} if key else None
         self._checks = httpx.AsyncClient(timeout=HEALTH_TIMEOUT_S, headers=auth, trust_env=False)
@@ -150,10 +171,13 @@ class RemoteUpstream:
         return ManagerState.FAILED, f"{problem}; checked again every {BACKOFF_MAX_S:.0f} s at most"
 
     async def _watch(self) -> None:
-        """Check every HEALTH_INTERVAL_S while it answers, with backoff while it does not."""
+        """Check every HEALTH_INTERVAL_S while it answers (and at once when a request could
+        not connect), with backoff while it does not."""
         delay = HEALTH_INTERVAL_S if self.state == ManagerState.READY else BACKOFF_START_S
         while True:
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._unreachable.wait(), delay)
+            self._unreachable.clear()
             problem = await self.check()
             if problem is None:
                 self._set_state(ManagerState.READY)
