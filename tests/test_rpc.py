@@ -172,3 +172,35 @@ def test_workers_on_other_machines_need_the_trusted_network_flag(tmp_path: Path)
 def test_a_malformed_worker_address_names_the_variable(bad: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="AILAB_RPC_WORKERS: RPC worker"):
         load_settings({"AILAB_DATA_DIR": str(tmp_path), "AILAB_RPC_WORKERS": bad})
+
+
+def _hello(port: int) -> socket.socket:
+    """A client of the worker's own protocol that holds it: HELLO answered, then idle."""
+    sock = socket.create_connection(("127.0.0.1", port), 5)
+    sock.sendall(bytes([14]) + (24).to_bytes(8, "little") + bytes(24))
+    answer = b""
+    while len(answer) < 36:
+        answer += sock.recv(36 - len(answer))
+    assert answer[8] == 7  # protocol major version
+    return sock
+
+
+def test_a_worker_busy_with_another_client_is_named_and_survives_the_probe(  # type: ignore[no-untyped-def]
+    make_gateway, workers: list[Worker], tmp_path: Path
+) -> None:
+    worker = workers[0]
+    server = _gateway(make_gateway, tmp_path, {SPLIT: [worker.address]})
+    holder = _hello(worker.port)
+    busy = requests.post(f"{server.url}/models/load", json={"model": SPLIT}, timeout=60)
+    assert busy.status_code == 503
+    assert (
+        f"RPC worker {worker.address} accepted the connection but did not answer"
+        in (busy.json()["detail"])
+    )
+    holder.close()
+    # The gateway's probe waited for its answer instead of dropping it, which would have
+    # killed the worker (it dies writing to a closed connection).
+    loaded = requests.post(f"{server.url}/models/load", json={"model": SPLIT}, timeout=120)
+    assert loaded.status_code == 200, loaded.text
+    assert worker.process is not None and worker.process.poll() is None
+    assert _answer(server, SPLIT).status_code == 200
