@@ -161,6 +161,7 @@ class Bench:
     raw: dict[str, Any] = field(default_factory=dict)
     rss_samples_mb: list[float] = field(default_factory=list)
     pool_rows: list[Any] = field(default_factory=list)  # bench/pool.py's PoolRow
+    rpc_rows: list[Any] = field(default_factory=list)  # bench/rpc.py's, PoolRow too
 
     def __post_init__(self) -> None:
         self.bare_client = keyed_client(self.bare_key)
@@ -853,12 +854,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-switch", action="store_true", help="skip the model-switch phase")
     parser.add_argument("--no-pool", action="store_true", help="skip the model-pool phase")
     parser.add_argument("--pool-only", action="store_true", help="run only the model-pool phase")
+    parser.add_argument("--no-rpc", action="store_true", help="skip the RPC-workers phase")
+    parser.add_argument("--rpc-only", action="store_true", help="run only the RPC-workers phase")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON goes")
     return parser.parse_args(argv)
 
 
 def run_phases(bench: Bench, args: argparse.Namespace, log_dir: Path) -> None:
     from ailab.bench.pool import phase_pool
+    from ailab.bench.rpc import phase_rpc
 
     phases: list[tuple[str, Callable[[], None]]] = [
         ("non-streamed latency", lambda: phase_non_streamed(bench)),
@@ -870,10 +874,12 @@ def run_phases(bench: Bench, args: argparse.Namespace, log_dir: Path) -> None:
     if not args.no_switch:
         phases.append(("model switch", lambda: phase_switch(bench, log_dir)))
     pool_phase = ("model pool", lambda: bench.pool_rows.extend(phase_pool(bench, log_dir)))
-    if args.pool_only:
-        phases = [pool_phase]
-    elif not args.no_pool:
-        phases.append(pool_phase)
+    rpc_phase = ("RPC workers", lambda: bench.rpc_rows.extend(phase_rpc(bench, log_dir)))
+    if args.pool_only or args.rpc_only:
+        phases = [pool_phase] if args.pool_only else [rpc_phase]
+    else:
+        phases += [] if args.no_pool else [pool_phase]
+        phases += [] if args.no_rpc else [rpc_phase]
     for name, phase in phases:
         started = time.perf_counter()
         with console.status(f"measuring {name}..."):
@@ -944,6 +950,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if bench.pool_rows:
         print_pool_table(bench.pool_rows)
+    if bench.rpc_rows:
+        print_pool_table(bench.rpc_rows, f"RPC workers ({args.model})")
     path = write_json(bench, started_at, args.quick, args.out)
     console.print(f"results written to {path}")
     return 0

@@ -160,8 +160,8 @@ def phase_pool(bench: Bench, log_dir: Path) -> list[PoolRow]:
     return rows
 
 
-def print_pool_table(rows: list[PoolRow]) -> None:
-    table = Table(title="Model pool")
+def print_pool_table(rows: list[PoolRow], title: str = "Model pool") -> None:
+    table = Table(title=title)
     for column in ("metric", "unit", "", "value", "", "value"):
         table.add_column(column, justify="right" if column in {"value", "unit"} else "left")
     for row in rows:
