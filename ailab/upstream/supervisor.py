@@ -456,8 +456,8 @@ class LlamaServerManager:
         if self._watchdog and self._watchdog is not asyncio.current_task():
             self._watchdog.cancel()
         process = self._process
-        self._process = None
         if self.state == ManagerState.STOPPED:
+            self._process = None
             return
         self._set_state(ManagerState.STOPPING)  # also a FAILED one whose process is gone
         if process is not None:
@@ -465,6 +465,7 @@ class LlamaServerManager:
             # open; nothing is in flight here (switches hold the gate): drop the idle ones.
             await self.transport.aclose()
             await self._terminate(process)
+        self._process = None
         self._set_state(ManagerState.STOPPED)
 
     @staticmethod
