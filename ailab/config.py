@@ -150,6 +150,9 @@ class Settings(BaseModel):
     max_loaded_models: int = Field(3, ge=1, le=64)
     model_ttl_s: float = Field(0.0, ge=0)  # idle seconds before unloading; 0 = never
     preload: tuple[str, ...] = ()
+    # llama.cpp RPC workers (host:port) for every local model without its own "rpc" list.
+    rpc_workers: tuple[str, ...] = ()
+    rpc_trusted_network: bool = False  # allow workers that are not on this machine
 
     @property
     def custom_models_dir(self) -> Path:
@@ -215,16 +218,24 @@ ENV_FIELDS: dict[str, str] = {
     "AILAB_MAX_LOADED_MODELS": "max_loaded_models",
     "AILAB_MODEL_TTL": "model_ttl_s",
     "AILAB_PRELOAD": "preload",
+    "AILAB_RPC_WORKERS": "rpc_workers",
+    "AILAB_RPC_TRUSTED_NETWORK": "rpc_trusted_network",
 }
-BOOLEAN_FIELDS = {"net_allow_private", "allow_no_auth", "metrics", "access_log_console"}
+BOOLEAN_FIELDS = {
+    "net_allow_private",
+    "allow_no_auth",
+    "metrics",
+    "access_log_console",
+    "rpc_trusted_network",
+}
 MIN_KEY_CHARS = 16
 KEY_ADVICE = 'make one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
 FIELD_ENV = {field: env for env, field in ENV_FIELDS.items()}
 
 
 def _parse_env_value(field: str, raw: str) -> Any:
-    if field == "preload":
-        return tuple(key.strip() for key in raw.split(",") if key.strip())
+    if field in ("preload", "rpc_workers"):
+        return tuple(_csv(raw))
     if field == "tool_roots":
         return tuple(Path(p).expanduser() for p in raw.split(os.pathsep) if p)
     if field in BOOLEAN_FIELDS:
@@ -293,6 +304,33 @@ def _parse_origin(item: str) -> str:
     origin = item.lower().rstrip("/")
     default_port = {"http": ":80", "https": ":443"}[match.group(1)]
     return origin.removesuffix(default_port)
+
+
+# llama.cpp's RPC client splits an endpoint at its first colon and connects over IPv4.
+_RPC_WORKER = re.compile(r"^(?P<host>[A-Za-z0-9._-]+):(?P<port>[0-9]{1,5})$")
+
+
+def check_rpc_workers(workers: Any, trusted: bool, where: str) -> tuple[str, ...]:
+    """RPC worker addresses as given, each host:port (an IPv4 address or a name), and on
+    this machine unless the network is trusted: ggml-rpc-server has no authentication."""
+    if not isinstance(workers, list | tuple) or not all(isinstance(w, str) for w in workers):
+        raise ConfigError(f'{where}: "rpc" must be a list of "host:port" strings')
+    for worker in workers:
+        match = _RPC_WORKER.match(worker)
+        if not match or not 1 <= int(match["port"]) <= 65535:
+            raise ConfigError(
+                f"{where}: RPC worker {worker!r} is not host:port with an IPv4 address or "
+                "a host name (llama.cpp's RPC client speaks IPv4 only), e.g. 127.0.0.1:50052"
+            )
+        if not trusted and not is_loopback(match["host"]):
+            raise ConfigError(
+                f"{where}: RPC worker {worker} is not on this machine. ggml-rpc-server has "
+                "no authentication and no encryption: whoever can reach its port can use "
+                "it, and the model's activations cross the network in clear. Set "
+                "AILAB_RPC_TRUSTED_NETWORK=1 only if every machine on that network is "
+                "trusted (README: RPC workers)"
+            )
+    return tuple(workers)
 
 
 def key_digest(key: str) -> str:
@@ -381,6 +419,9 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             f"known: {', '.join(sorted(known))}"
         )
     _check_exposure(settings)
+    check_rpc_workers(settings.rpc_workers, settings.rpc_trusted_network, "AILAB_RPC_WORKERS")
+    for key, entry in known.items():
+        model_rpc_workers(settings, key, entry)
     if settings.mcp_config_file is not None:
         try:
             mcp_config.load_servers(settings.mcp_config_file)
@@ -508,11 +549,19 @@ class ModelSource(BaseModel):
     api_key: SecretStr | None = None
     remote_model: str | None = None
     max_concurrency: int | None = None
+    rpc: tuple[str, ...] = ()  # llama.cpp RPC workers (host:port) its layers are split across
 
     @property
     def remote_name(self) -> str:
         """The model name a remote upstream is sent."""
         return self.remote_model or self.key
+
+
+def model_rpc_workers(settings: Settings, key: str, entry: dict[str, Any]) -> tuple[str, ...]:
+    """A model's own "rpc" list (an empty one keeps it local), else AILAB_RPC_WORKERS."""
+    if "rpc" not in entry:
+        return settings.rpc_workers
+    return check_rpc_workers(entry["rpc"], settings.rpc_trusted_network, f"model {key!r}")
 
 
 def model_path(settings: Settings, entry: dict[str, Any]) -> Path | None:
@@ -564,6 +613,7 @@ def get_model_source(settings: Settings, model_key: str) -> ModelSource:
             max_concurrency=entry.get("max_concurrency"),
             **common,
         )
+    common["rpc"] = model_rpc_workers(settings, model_key, entry)  # local processes only
     if entry.get("is_finetuned"):
         return ModelSource(kind="local_finetuned", path=path, **common)
     if entry.get("hf_repo") and (path is None or not path.exists()):

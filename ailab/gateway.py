@@ -11,6 +11,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +220,7 @@ class Gateway:
                     pinned=source.pinned,
                     reranker=source.reranker,
                     url=source.url,
+                    rpc_workers=list(source.rpc),
                     **main.model_dump(exclude={"id", "purpose"}),
                     embeddings=self.instance_status(source, "embed") if embeddings else None,
                 )
@@ -251,6 +253,9 @@ class Gateway:
             in_flight=instance.in_flight,
             last_used=instance.last_used_wall,
             restarts=manager.restarts,
+            placement=asdict(instance.placement)
+            if instance.placement and instance.state == "ready"
+            else None,
         )
 
     def resident_status(self) -> list[InstanceStatus]:

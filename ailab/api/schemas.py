@@ -152,6 +152,17 @@ class PublicHealthResponse(BaseModel):
 InstanceState = Literal["unloaded", "downloading", "loading", "ready", "unloading", "failed"]
 
 
+class Placement(BaseModel):
+    """Where a loaded model on RPC workers went (from llama-server's load log): offloaded
+    layers, and MiB of weights and KV cache per buffer, an RPC worker by its host:port,
+    this machine by llama.cpp's buffer name (CPU_Mapped, CPU, CUDA0, ...)."""
+
+    offloaded_layers: int
+    total_layers: int
+    weights_mib: dict[str, float]
+    kv_cache_mib: dict[str, float]
+
+
 class InstanceStatus(BaseModel):
     """One model instance in the pool: its state and what it costs."""
 
@@ -167,6 +178,7 @@ class InstanceStatus(BaseModel):
     in_flight: int = 0
     last_used: float | None = None  # Unix time of the last request's end
     restarts: int = 0
+    placement: Placement | None = None  # a ready model on RPC workers
 
 
 class HealthResponse(BaseModel):
@@ -215,6 +227,8 @@ class ModelInfo(BaseModel):
     in_flight: int
     last_used: float | None
     restarts: int
+    placement: Placement | None = None
+    rpc_workers: list[str] = []  # llama.cpp RPC workers its layers are split across
     embeddings: InstanceStatus | None = None
 
 

@@ -161,6 +161,7 @@ class Bench:
     raw: dict[str, Any] = field(default_factory=dict)
     rss_samples_mb: list[float] = field(default_factory=list)
     pool_rows: list[Any] = field(default_factory=list)  # bench/pool.py's PoolRow
+    rpc_rows: list[Any] = field(default_factory=list)  # bench/rpc.py's, PoolRow too
 
     def __post_init__(self) -> None:
         self.bare_client = keyed_client(self.bare_key)
@@ -839,6 +840,9 @@ def write_json(bench: Bench, started: datetime, quick: bool, out_dir: Path) -> P
 
 # --- main ---------------------------------------------------------------------------
 
+# The phases `--skip` and `--only` name, in the order they run.
+PHASE_GROUPS = ("proxy", "switch", "pool", "remote", "rpc")
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -850,12 +854,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m", help="model key for both sides")
     parser.add_argument("--switch-model", default="gemma3-270m", help="model key to switch to")
     parser.add_argument("--llama-server", type=Path, help="llama-server binary to use")
-    parser.add_argument("--no-switch", action="store_true", help="skip the model-switch phase")
-    parser.add_argument("--no-pool", action="store_true", help="skip the model-pool phase")
-    parser.add_argument("--pool-only", action="store_true", help="run only the model-pool phase")
-    parser.add_argument("--no-remote", action="store_true", help="skip the remote-upstream phase")
     parser.add_argument(
-        "--remote-only", action="store_true", help="run only the remote-upstream phase"
+        "--skip", nargs="+", default=[], choices=PHASE_GROUPS, help="phases to leave out"
+    )
+    parser.add_argument(
+        "--only", nargs="+", default=[], choices=PHASE_GROUPS, help="run only these phases"
     )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON goes")
     return parser.parse_args(argv)
@@ -864,27 +867,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run_phases(bench: Bench, args: argparse.Namespace, log_dir: Path) -> None:
     from ailab.bench.pool import phase_pool
     from ailab.bench.remote import phase_remote
+    from ailab.bench.rpc import phase_rpc
 
-    phases: list[tuple[str, Callable[[], None]]] = [
-        ("non-streamed latency", lambda: phase_non_streamed(bench)),
-        ("time to first token", lambda: phase_ttft(bench)),
-        ("streamed tokens/s", lambda: phase_stream_rate(bench)),
-        ("throughput", lambda: phase_throughput(bench)),
-        ("metrics on vs off", lambda: phase_metrics_cost(bench, log_dir)),
-    ]
-    if not args.no_switch:
-        phases.append(("model switch", lambda: phase_switch(bench, log_dir)))
-    pool_phase = ("model pool", lambda: bench.pool_rows.extend(phase_pool(bench, log_dir)))
-    remote_phase = ("remote upstream", lambda: phase_remote(bench, log_dir))
-    if args.pool_only:
-        phases = [pool_phase]
-    elif args.remote_only:
-        phases = [remote_phase]
-    else:
-        if not args.no_pool:
-            phases.append(pool_phase)
-        if not args.no_remote:
-            phases.append(remote_phase)
+    groups: dict[str, list[tuple[str, Callable[[], None]]]] = {
+        "proxy": [
+            ("non-streamed latency", lambda: phase_non_streamed(bench)),
+            ("time to first token", lambda: phase_ttft(bench)),
+            ("streamed tokens/s", lambda: phase_stream_rate(bench)),
+            ("throughput", lambda: phase_throughput(bench)),
+            ("metrics on vs off", lambda: phase_metrics_cost(bench, log_dir)),
+        ],
+        "switch": [("model switch", lambda: phase_switch(bench, log_dir))],
+        "pool": [("model pool", lambda: bench.pool_rows.extend(phase_pool(bench, log_dir)))],
+        "remote": [("remote upstream", lambda: phase_remote(bench, log_dir))],
+        "rpc": [("RPC workers", lambda: bench.rpc_rows.extend(phase_rpc(bench, log_dir)))],
+    }
+    chosen = args.only or [group for group in PHASE_GROUPS if group not in args.skip]
+    phases = [phase for group in PHASE_GROUPS if group in chosen for phase in groups[group]]
     for name, phase in phases:
         started = time.perf_counter()
         with console.status(f"measuring {name}..."):
@@ -955,6 +954,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if bench.pool_rows:
         print_pool_table(bench.pool_rows)
+    if bench.rpc_rows:
+        print_pool_table(bench.rpc_rows, f"RPC workers ({args.model})")
     path = write_json(bench, started_at, args.quick, args.out)
     console.print(f"results written to {path}")
     return 0

@@ -116,7 +116,7 @@ def phase_pool(bench: Bench, log_dir: Path) -> list[PoolRow]:
         console.print("[yellow]no llama-server binary: the pool is not measured[/yellow]")
         return []
     models = (bench.model_key, bench.switch_model_key)
-    client = bench.client
+    client = bench.gateway_client  # the pool's gateways have no key; a key header is ignored
     resident_env = {"AILAB_PRELOAD": models[1]}
     with started_gateway(bench.binary, models[0], log_dir / "pool-two", resident_env) as (url, _):
         resident = alternate(client, url, models, bench)
@@ -160,8 +160,8 @@ def phase_pool(bench: Bench, log_dir: Path) -> list[PoolRow]:
     return rows
 
 
-def print_pool_table(rows: list[PoolRow]) -> None:
-    table = Table(title="Model pool")
+def print_pool_table(rows: list[PoolRow], title: str = "Model pool") -> None:
+    table = Table(title=title)
     for column in ("metric", "unit", "", "value", "", "value"):
         table.add_column(column, justify="right" if column in {"value", "unit"} else "left")
     for row in rows:

@@ -102,9 +102,11 @@ class TemplateRenderer:
             port = int(probe.getsockname()[1])
         self.port = port
         server = binaries.find_llama_server(self.settings)
+        # Never on the model's RPC workers: each serves one llama-server, the loaded model's.
+        local = self.source.model_copy(update={"rpc": ()})
         command = [
             *binaries.llama_server_command(
-                server, self.source, self.source.path, settings=self.settings, port=port,
+                server, local, self.source.path, settings=self.settings, port=port,
                 n_ctx=RENDER_CTX, n_gpu_layers=0,
             ),
             "--no-prefill-assistant",

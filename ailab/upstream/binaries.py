@@ -76,6 +76,10 @@ def llama_server_command(
         command += ["--threads", str(settings.n_threads)]
     if source.chat_template_path:
         command += ["--chat-template-file", str(source.chat_template_path)]
+    if source.rpc:
+        # Offloaded layers (-ngl) go to the workers too; verbosity 4 is where llama-server
+        # logs which device got how much (rpc.read_placement).
+        command += ["--rpc", ",".join(source.rpc), "--log-verbosity", "4"]
     return command + source.extra_args
 
 

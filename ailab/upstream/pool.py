@@ -25,7 +25,7 @@ import psutil
 from ailab.config import ModelSource, Settings
 from ailab.errors import AilabError
 from ailab.gguf_meta import GgufError
-from ailab.upstream import binaries, budget, proxy
+from ailab.upstream import binaries, budget, proxy, rpc
 from ailab.upstream.gguf_header import read_shape
 from ailab.upstream.remote import RemoteUpstream
 from ailab.upstream.supervisor import (
@@ -102,6 +102,9 @@ class Instance:
     loads: int = 0
     last_load_s: float | None = None
     unloads: dict[str, int] = field(default_factory=dict)
+    # A model on RPC workers: its connections to them, and where its weights went.
+    rpc_watch: rpc.WorkerWatch | None = None
+    placement: rpc.Placement | None = None
 
     @property
     def id(self) -> str:
@@ -174,6 +177,7 @@ class ModelPool:
         self._housekeeper: asyncio.Task[None] | None = None
         self._fixed_port_taken = False
         self._estimates: dict[tuple[str, int, int, int, int], float] = {}
+        self._rpc_prober = rpc.Prober()
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -196,6 +200,7 @@ class ModelPool:
         for instance in list(self.instances.values()):
             await instance.manager.close()
             await instance.http.aclose()
+        await self._rpc_prober.close()
 
     @property
     def max_models(self) -> int:
@@ -337,6 +342,8 @@ class ModelPool:
         async with self._placing:
             if instance.holds_memory or instance.serving:
                 return  # another request placed it meanwhile
+            if instance.source.rpc and not await self._workers_ready(instance):
+                return  # failed with the reason
             # A model still to be downloaded counts the baseline until it is measured.
             need = instance.estimate_mb or budget.PROCESS_OVERHEAD_MB
             while True:
@@ -372,6 +379,24 @@ class ModelPool:
             instance.reserved = False
             self._notify()
         await self._measure(instance)
+        await self._watch_workers(instance)
+
+    async def _workers_ready(self, instance: Instance) -> bool:
+        """Before a load on RPC workers (under `_placing`): none of them serving another of
+        our models, each answering; a worker that does not fails the instance."""
+        for other in self.resident():
+            shared = sorted(set(other.source.rpc) & set(instance.source.rpc))
+            if shared and other is not instance:
+                raise PoolRefused(
+                    f"RPC worker {shared[0]} is serving {other.id}, and a ggml-rpc-server "
+                    f"serves one llama-server at a time: unload {other.key} first (POST "
+                    "/models/unload) or give this model workers of its own"
+                )
+        problem = await self._rpc_prober.check(instance.source.rpc)
+        if problem:
+            log.warning("%s not loaded: %s", instance.id, problem)
+            await instance.manager.fail(problem)
+        return problem is None
 
     def estimate(self, source: ModelSource, purpose: Purpose) -> float | None:
         """The memory estimate from the file and its header (blocking: run it in a thread);
@@ -379,6 +404,9 @@ class ModelPool:
         path = source.path
         if path is None or not path.is_file():
             return None
+        if source.rpc:
+            # Its weights and KV cache go to the workers; measured RSS takes over once it runs.
+            return budget.PROCESS_OVERHEAD_MB
         stat = path.stat()
         outputs = EMBEDDING_OUTPUTS if purpose == "embed" else self.settings.parallel
         n_ctx = self.n_ctx_for(source)
@@ -438,6 +466,7 @@ class ModelPool:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
             for instance in self.resident():
                 await self._measure(instance)
+                await self._watch_workers(instance)
             residents = [i.as_resident() for i in self.resident()]
             for key in budget.idle_expired(residents, time.monotonic()):
                 instance = self.instances[key]
@@ -445,6 +474,28 @@ class ModelPool:
                 instance.unloads["ttl"] = instance.unloads.get("ttl", 0) + 1
                 with contextlib.suppress(PoolRefused, LlamaStartError):
                     await self.unload(instance)
+
+    async def _watch_workers(self, instance: Instance) -> None:
+        """A model whose RPC worker went away fails with that reason (rpc.WorkerWatch): a
+        ready one when its connection to the worker closed, a crashed one (llama-server
+        aborts on a lost worker) when the worker refuses connections."""
+        manager, workers = instance.manager, instance.source.rpc
+        lost = None
+        if workers and manager.state == ManagerState.READY and manager.pid is not None:
+            if instance.rpc_watch is None or instance.rpc_watch.pid != manager.pid:
+                instance.rpc_watch = await asyncio.to_thread(
+                    rpc.WorkerWatch.take, manager.pid, workers
+                )
+                instance.placement = await asyncio.to_thread(rpc.read_placement, manager.log_path)
+            worker = await asyncio.to_thread(instance.rpc_watch.lost)
+            if worker:
+                lost = f"RPC worker {worker} closed its connection: the layers it held are gone"
+        elif workers and manager.state == ManagerState.RESTARTING:
+            for worker in workers:
+                lost = lost or await rpc.refused(worker)
+        if lost:
+            log.warning("%s failed: %s", instance.id, lost)
+            await manager.fail(f"{lost}; start the worker again")
 
     async def _measure(self, instance: Instance) -> None:
         rss = await asyncio.to_thread(_rss_mb, instance.manager.pid)

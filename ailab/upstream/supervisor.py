@@ -56,7 +56,8 @@ class ManagerState(StrEnum):
 
 
 ALLOWED_TRANSITIONS: dict[ManagerState, set[ManagerState]] = {
-    ManagerState.STOPPED: {ManagerState.DOWNLOADING, ManagerState.STARTING},
+    # STOPPED -> FAILED: `fail`, for a model stopped because something it needs is gone.
+    ManagerState.STOPPED: {ManagerState.DOWNLOADING, ManagerState.STARTING, ManagerState.FAILED},
     ManagerState.DOWNLOADING: {ManagerState.STARTING, ManagerState.FAILED, ManagerState.STOPPING},
     ManagerState.STARTING: {ManagerState.READY, ManagerState.FAILED, ManagerState.STOPPING},
     ManagerState.READY: {ManagerState.STOPPING, ManagerState.RESTARTING},
@@ -259,6 +260,13 @@ class LlamaServerManager:
             await self._stop_locked()
             await self._start_locked(target)
 
+    async def fail(self, message: str) -> None:
+        """Stop llama-server for good with a reason (an RPC worker it needs is gone): no
+        crash restart; requests get the reason until a start tries again."""
+        async with self._lifecycle:
+            await self._stop_locked()
+            self._set_state(ManagerState.FAILED, message)
+
     async def wait_until_serving(self, timeout_s: float) -> None:
         """Return once llama-server is ready; wait while it loads or restarts, but fail at
         once (LlamaUnavailable) when it is down for good."""
@@ -448,14 +456,15 @@ class LlamaServerManager:
         if self._watchdog and self._watchdog is not asyncio.current_task():
             self._watchdog.cancel()
         process = self._process
-        if process is None or self.state == ManagerState.STOPPED:
+        if self.state == ManagerState.STOPPED:
             self._process = None
             return
-        self._set_state(ManagerState.STOPPING)
-        # llama-server lingers ~150 ms on SIGTERM while a kept-alive connection is open;
-        # nothing is in flight here (switches hold the gate), so drop the idle ones.
-        await self.transport.aclose()
-        await self._terminate(process)
+        self._set_state(ManagerState.STOPPING)  # also a FAILED one whose process is gone
+        if process is not None:
+            # llama-server lingers ~150 ms on SIGTERM while a kept-alive connection is
+            # open; nothing is in flight here (switches hold the gate): drop the idle ones.
+            await self.transport.aclose()
+            await self._terminate(process)
         self._process = None
         self._set_state(ManagerState.STOPPED)
 
