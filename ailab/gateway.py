@@ -27,6 +27,7 @@ from ailab.agent.turn import (
     TurnRecord,
 )
 from ailab.api.schemas import (
+    AdapterInfo,
     ApprovalRequest,
     ChatRequest,
     DownloadInfo,
@@ -40,6 +41,7 @@ from ailab.finetune.service import FinetuneService
 from ailab.mcp.client import McpHub
 from ailab.metrics import GatewayState, Metrics, ModelFacts, StateCollector, llama_metrics_text
 from ailab.storage import AsyncStore, PendingApproval, StoredConversation, merge_messages
+from ailab.upstream import lora
 from ailab.upstream.admission import GenerationGate, KeyedLocks
 from ailab.upstream.pool import Instance, ModelPool, PoolRefused, Purpose, instance_id
 from ailab.upstream.supervisor import (
@@ -89,7 +91,7 @@ class Gateway:
         self.metrics.add_collector(StateCollector(self._metrics_state))
         self.system_prompt = config.DEFAULT_SYSTEM_PROMPT
         self.tools_enabled = True
-        self._engines: dict[str, ChatEngine] = {}
+        self._engines: dict[tuple[str, str | None], ChatEngine] = {}
         self.finetune = FinetuneService(settings)
         self._switch_lock = asyncio.Lock()
         self._first_load: asyncio.Task[None] | None = None
@@ -171,9 +173,10 @@ class Gateway:
     def engine(self) -> ChatEngine:
         return self.engine_for(self.default_instance)
 
-    def engine_for(self, instance: Instance) -> ChatEngine:
-        """The agent loop bound to one instance (its client, its port, its token counts)."""
-        engine = self._engines.get(instance.id)
+    def engine_for(self, instance: Instance, adapter: str | None = None) -> ChatEngine:
+        """The agent loop bound to one instance (its client, its port, its token counts)
+        and, for a LoRA base, to one of its adapters (None: the base itself)."""
+        engine = self._engines.get((instance.id, adapter))
         if engine is None:
             engine = ChatEngine(
                 instance.http,
@@ -183,15 +186,19 @@ class Gateway:
                 lambda: self.tool_policy,
                 self.mcp,
                 self.metrics,
+                lambda: lora.request_fields(instance, adapter),
             )
-            self._engines[instance.id] = engine
+            self._engines[(instance.id, adapter)] = engine
         return engine
 
     def list_models(self) -> list[ModelInfo]:
         """Every model with its file and pool state; called in a worker thread (it stats
         files and reads GGUF headers)."""
         infos = []
-        for key, entry in config.get_all_models(self.settings).items():
+        models = config.get_all_models(self.settings)
+        for key, entry in models.items():
+            if entry.get("kind") == "lora":
+                continue  # listed under its base
             path = config.model_path(self.settings, entry)
             exists = bool(path and path.is_file())
             source = self.model_source(key)
@@ -215,9 +222,51 @@ class Gateway:
                     reranker=source.reranker,
                     **main.model_dump(exclude={"id", "purpose"}),
                     embeddings=self.instance_status(source, "embed") if embeddings else None,
+                    adapters=self._adapters_of(source, models),
                 )
             )
         return infos
+
+    def _adapters_of(self, source: ModelSource, models: dict[str, dict[str, Any]]) -> list:
+        """A base's LoRA adapters with their state, the refused ones with the reason."""
+        instance = self.pool.instances.get(source.key)
+        servable = {file.key: file for file in source.adapters}
+        adapters = []
+        for key, entry in models.items():
+            if entry.get("kind") != "lora" or entry.get("base") != source.key:
+                continue
+            state, message = (
+                lora.adapter_state(instance, servable[key])
+                if key in servable
+                else ("refused", entry["lora_error"])
+            )
+            adapters.append(
+                AdapterInfo(
+                    key=key,
+                    name=entry.get("name", key),
+                    description=entry.get("description"),
+                    base=source.key,
+                    state=state,
+                    message=message,
+                )
+            )
+        return adapters
+
+    def refused_adapters(self) -> list[AdapterInfo]:
+        """Adapters whose base is not a model: nothing to list them under."""
+        models = config.get_all_models(self.settings)
+        return [
+            AdapterInfo(
+                key=key,
+                name=entry.get("name", key),
+                description=entry.get("description"),
+                base=entry.get("base") if isinstance(entry.get("base"), str) else None,
+                state="refused",
+                message=entry["lora_error"],
+            )
+            for key, entry in models.items()
+            if entry.get("kind") == "lora" and entry.get("base") not in models
+        ]
 
     def instance_status(self, source: ModelSource, purpose: Purpose = "generate") -> InstanceStatus:
         """What the pool knows about one instance of a model, loaded or not (may read the
@@ -256,6 +305,11 @@ class Gateway:
         Fails fast for an unknown key or a missing file; if the new model does not load,
         the previous default stays (and is loaded again if it was unloaded for room)."""
         source = await asyncio.to_thread(self._loadable_source, key)
+        if source.adapter is not None:
+            raise BadRequest(
+                f"{key!r} is a LoRA adapter of {source.key!r}: switch to {source.key!r} and "
+                f'name {key!r} in a request\'s "model" to use it'
+            )
         if source.kind == "huggingface":
             # Downloading first keeps the current model serving meanwhile; only a
             # complete download can make it give way, and a failed one leaves it running.
@@ -334,6 +388,13 @@ class Gateway:
         """Admission for anything that generates: a queue place, no switch running, and
         the model's instance serving (loaded first, and waited for, bounded)."""
         waiting_since = time.perf_counter()
+        if source.adapter is not None and purpose != "generate":
+            raise BadRequest(
+                f"{source.adapter!r} is a LoRA adapter: it serves generation only; "
+                f"name its base {source.key!r} for {purpose} requests"
+            )
+        if purpose == "generate":
+            await lora.prepare(self.pool, source)
         async with self.gate.generation(), self.pool.use(source, purpose) as instance:
             self.metrics.queue_wait_seconds.observe(time.perf_counter() - waiting_since)
             yield instance
@@ -436,8 +497,9 @@ class Gateway:
             source = await self.source_for(requested_model or stored.model_key)
             n_budget = self.token_budget(source, max_tokens)
             instance = await resources.enter_async_context(self.generation(source))
-            record, events = await build(stored, self.engine_for(instance), n_budget)
-            record.model_key = instance.key
+            engine = self.engine_for(instance, source.adapter)
+            record, events = await build(stored, engine, n_budget)
+            record.model_key = source.adapter or instance.key
         except BaseException:
             await resources.aclose()
             raise

@@ -131,8 +131,11 @@ class ChatEngine:
         tool_policy: Callable[[], tools.ToolPolicy],
         extra_tools: ExtraTools | None = None,
         metrics: Metrics | None = None,
+        request_fields: Callable[[], dict[str, Any]] = dict,
     ) -> None:
         self.http = http
+        # Added to every completion request when it is sent (a LoRA base's adapter scales).
+        self.request_fields = request_fields
         self.metrics = metrics
         self.store = store
         self.llama_url = llama_url
@@ -211,11 +214,10 @@ class ChatEngine:
 
     # --- one model call --------------------------------------------------------------
 
-    @staticmethod
     def _payload(
-        opts: TurnOptions, messages: list[Message], schemas: list[dict[str, Any]] | None
+        self, opts: TurnOptions, messages: list[Message], schemas: list[dict[str, Any]] | None
     ) -> dict[str, Any]:
-        payload: dict[str, Any] = {"messages": messages, **opts.sampling}
+        payload: dict[str, Any] = {"messages": messages, **opts.sampling, **self.request_fields()}
         if schemas:
             # A forced choice was served by _forced_call on the first call; after it, and
             # for "auto", the model decides.
@@ -269,6 +271,7 @@ class ChatEngine:
             "max_tokens": max(int(opts.sampling.get("max_tokens") or 0), FORCED_CALL_TOKENS),
             "messages": [*messages, {"role": "user", "content": instruction}],
             "response_format": {"type": "json_object", "schema": schema},
+            **self.request_fields(),
         }
         body = await proxy.post_json(self.http, f"{self.llama_url}/v1/chat/completions", payload)
         choice = (body.get("choices") or [{}])[0]

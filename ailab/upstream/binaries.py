@@ -76,7 +76,17 @@ def llama_server_command(
         command += ["--threads", str(settings.n_threads)]
     if source.chat_template_path:
         command += ["--chat-template-file", str(source.chat_template_path)]
-    return command + source.extra_args
+    return command + lora_args(source) + source.extra_args
+
+
+def lora_args(source: ModelSource) -> list[str]:
+    """A base's adapters, loaded at scale 0 (every request sends its own scales). Its
+    host-memory prompt cache is off: it keys saved prompts by tokens alone, so a prompt
+    computed under one adapter would be reused under another (tests/test_lora.py)."""
+    if not source.adapters:
+        return []
+    files = [arg for adapter in source.adapters for arg in ("--lora", str(adapter.path))]
+    return [*files, "--lora-init-without-apply", "--cache-ram", "0"]
 
 
 def parse_device_list(output: str) -> list[str]:
