@@ -507,6 +507,15 @@ def adapter_files(
     return tuple(found)
 
 
+def list_available_models(settings: Settings, include_finetuned: bool = True) -> list[str]:
+    """Keys of every model, optionally without the fine-tuned ones."""
+    return [
+        key
+        for key, entry in get_all_models(settings).items()
+        if include_finetuned or not entry["is_finetuned"]
+    ]
+
+
 class AdapterFile(BaseModel):
     """A LoRA adapter a base model's llama-server is started with (`--lora`)."""
 
