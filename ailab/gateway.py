@@ -92,6 +92,7 @@ class Gateway:
         self.system_prompt = config.DEFAULT_SYSTEM_PROMPT
         self.tools_enabled = True
         self._engines: dict[tuple[str, str | None], ChatEngine] = {}
+        self._adapter_bases: dict[str, str] = {}  # LoRA adapter key -> the base serving it
         self.finetune = FinetuneService(settings)
         self._switch_lock = asyncio.Lock()
         self._first_load: asyncio.Task[None] | None = None
@@ -395,6 +396,8 @@ class Gateway:
             )
         if purpose == "generate":
             await lora.prepare(self.pool, source)
+        if source.adapter is not None:
+            self._adapter_bases[source.adapter] = source.key
         async with self.gate.generation(), self.pool.use(source, purpose) as instance:
             self.metrics.queue_wait_seconds.observe(time.perf_counter() - waiting_since)
             yield instance
@@ -612,7 +615,8 @@ class Gateway:
 
     def chat_extras(self, model_key: str | None, conversation_id: str) -> dict[str, Any]:
         """What a chat response says about where it ran."""
-        instance = self.pool.instances.get(model_key or self.default_model)
+        key = model_key or self.default_model
+        instance = self.pool.instances.get(self._adapter_bases.get(key, key))
         return {
             "conversation_id": conversation_id,
             "model_key": model_key or self.default_model,
