@@ -853,11 +853,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-switch", action="store_true", help="skip the model-switch phase")
     parser.add_argument("--no-pool", action="store_true", help="skip the model-pool phase")
     parser.add_argument("--pool-only", action="store_true", help="run only the model-pool phase")
+    parser.add_argument("--no-lora", action="store_true", help="skip the LoRA-switch phase")
+    parser.add_argument("--lora-only", action="store_true", help="run only the LoRA-switch phase")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON goes")
     return parser.parse_args(argv)
 
 
 def run_phases(bench: Bench, args: argparse.Namespace, log_dir: Path) -> None:
+    from ailab.bench.lora import phase_lora
     from ailab.bench.pool import phase_pool
 
     phases: list[tuple[str, Callable[[], None]]] = [
@@ -870,10 +873,12 @@ def run_phases(bench: Bench, args: argparse.Namespace, log_dir: Path) -> None:
     if not args.no_switch:
         phases.append(("model switch", lambda: phase_switch(bench, log_dir)))
     pool_phase = ("model pool", lambda: bench.pool_rows.extend(phase_pool(bench, log_dir)))
-    if args.pool_only:
-        phases = [pool_phase]
-    elif not args.no_pool:
-        phases.append(pool_phase)
+    lora_phase = ("LoRA switch", lambda: bench.pool_rows.extend(phase_lora(bench, log_dir)))
+    if args.pool_only or args.lora_only:
+        phases = [pool_phase] if args.pool_only else [lora_phase]
+    else:
+        phases += [] if args.no_pool else [pool_phase]
+        phases += [] if args.no_lora else [lora_phase]
     for name, phase in phases:
         started = time.perf_counter()
         with console.status(f"measuring {name}..."):
