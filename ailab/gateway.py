@@ -352,6 +352,7 @@ class Gateway:
 
     async def load_model(self, key: str) -> Instance:
         source = await asyncio.to_thread(self._loadable_source, key)
+        await lora.prepare(self.pool, source)  # started with the adapters there now
         return await self.pool.load(source)
 
     async def unload_model(self, key: str) -> list[str]:
