@@ -228,7 +228,9 @@ class Gateway:
             )
         return infos
 
-    def _adapters_of(self, source: ModelSource, models: dict[str, dict[str, Any]]) -> list:
+    def _adapters_of(
+        self, source: ModelSource, models: dict[str, dict[str, Any]]
+    ) -> list[AdapterInfo]:
         """A base's LoRA adapters with their state, the refused ones with the reason."""
         instance = self.pool.instances.get(source.key)
         servable = {file.key: file for file in source.adapters}

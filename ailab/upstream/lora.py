@@ -76,4 +76,6 @@ def adapter_state(instance: Instance | None, file: AdapterFile) -> tuple[str, st
         return "unloaded", None
     if file in _started(instance):
         return instance.state, instance.manager.message
-    return "unloaded", f"{instance.key} runs without it; the first request naming it reloads it"
+    return "unloaded", (
+        f"{instance.key} runs without it; the first request naming it reloads {instance.key}"
+    )
