@@ -71,6 +71,17 @@ def answer(url: str, model: str, prompt: str = PROMPT) -> str:
     return str(response.json()["choices"][0]["text"])
 
 
+def streamed(url: str, model: str) -> str:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stream": True}
+    pieces = []
+    with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=300) as reply:
+        assert reply.status_code == 200, reply.text
+        for line in reply.iter_lines():
+            if line.startswith(b"data: {"):
+                pieces.append(json.loads(line[6:])["choices"][0]["text"])
+    return "".join(pieces)
+
+
 def base_info(url: str) -> dict:
     models = requests.get(f"{url}/models", timeout=30).json()["models"]
     return next(model for model in models if model["key"] == BASE)
@@ -89,6 +100,8 @@ def test_alternating_base_and_adapter_keys_are_served_by_one_process_with_differ
     assert "Paris" in answers[0]
     assert answers[1] != answers[0]
     assert answers == [answers[0], answers[1]] * 2
+    assert answer(url, BASE) == answers[0]
+    assert streamed(url, "smol-lora") == answers[1]
     assert base_info(url)["pid"] == pid and pid is not None
     adapters = {a["key"]: a for a in base_info(url)["adapters"]}
     assert adapters["smol-lora"]["state"] == "ready"
