@@ -113,6 +113,9 @@ class Gateway:
             except ValueError as exc:
                 log.warning("ignoring saved tool roots: %s", exc)
         await self.pool.start()
+        for key, entry in (await asyncio.to_thread(config.get_all_models, self.settings)).items():
+            if entry.get("lora_refused"):
+                log.error("LoRA adapter %s refused: %s", key, entry["lora_error"])
         keys = list(dict.fromkeys([self.default_model, *self.settings.preload]))
         for key in keys:  # unknown keys fail here, before the port opens
             self.pool.instance(await asyncio.to_thread(self.model_source, key))

@@ -166,6 +166,7 @@ def test_adapters_that_do_not_fit_are_refused_at_registration(
     assert response.status_code == 400
     assert "made for another base model" in response.json()["error"]["message"]
     assert complete(url, "no-base").status_code == 400
+    assert "LoRA adapter wrong-shape refused: wrong-shape.gguf" in lora_gateway.output()
     # The base was started with the adapter that fits only.
     log = (lora_gateway.data_dir / "logs" / f"llama-server-{BASE}.log").read_text()
     assert "smol-lora.gguf" in log and "wrong-shape.gguf" not in log
