@@ -174,9 +174,10 @@ def test_adapters_that_do_not_fit_are_refused_at_registration(
 
 def test_a_registered_adapter_for_another_base_stops_the_start(tmp_path: Path) -> None:
     folder = models_dir(tmp_path)
-    adapter = add_adapter(folder, "for-smollm", base=None)
+    (folder / "loras").mkdir()
+    build_lora(read_info(SMOLLM), folder / "loras" / "for-smollm.gguf")
     extra = tmp_path / "extra.json"
-    entry = {"kind": "lora", "base": "gemma3-270m", "filename": f"custom/{adapter.name}"}
+    entry = {"kind": "lora", "base": "gemma3-270m", "filename": "loras/for-smollm.gguf"}
     extra.write_text(json.dumps({"for-smollm-on-gemma": entry}))
     env = {"AILAB_DATA_DIR": str(tmp_path), "AILAB_MODELS_DIR": str(folder)}
     with pytest.raises(config.ConfigError, match="is for 'llama' models; gemma3-270m"):
