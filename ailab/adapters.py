@@ -1,9 +1,15 @@
 """LoRA adapter files checked against their base model before they are registered, with
 llama.cpp's own rules (src/llama-adapter.cpp), so that a wrong base or a bad file is
-refused at once with a clear message, never when a request first uses the adapter."""
+refused at once with a clear message, never when a request first uses the adapter.
+
+The registry (ailab/config.py) asks on every listing; ``gguf_type`` and ``checked_lora``
+remember their answer per file version (path, size, mtime), so only a new or changed file
+is read.
+"""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -87,3 +93,44 @@ def check_lora(adapter_path: Path, base_path: Path, base_key: str) -> LoraInfo:
         rank=max(ranks),
         tensors=len(adapter.tensors) // 2,
     )
+
+
+def _version(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path), stat.st_size, stat.st_mtime_ns
+
+
+def gguf_type(path: Path) -> str | None:
+    """A GGUF file's general.type ("model", "adapter"); None when it cannot be read."""
+    try:
+        return _gguf_type(_version(path))
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=256)
+def _gguf_type(version: tuple[str, int, int]) -> str | None:
+    try:
+        kind = read_info(Path(version[0])).metadata.get("general.type")
+    except (GgufError, OSError):
+        return None
+    return kind if isinstance(kind, str) else None
+
+
+def checked_lora(adapter_path: Path, base_path: Path, base_key: str) -> str | None:
+    """`check_lora`'s verdict as a message (None: the adapter fits its base)."""
+    try:
+        return _checked(_version(adapter_path), _version(base_path), base_key)
+    except OSError as exc:
+        return f"{adapter_path.name}: cannot be read ({exc})"
+
+
+@functools.lru_cache(maxsize=256)
+def _checked(
+    adapter: tuple[str, int, int], base: tuple[str, int, int], base_key: str
+) -> str | None:
+    try:
+        check_lora(Path(adapter[0]), Path(base[0]), base_key)
+    except AdapterMismatch as exc:
+        return str(exc)
+    return None

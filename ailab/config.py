@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
+from ailab import adapters
 from ailab.mcp import config as mcp_config
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -412,6 +413,13 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             f"AILAB_DEFAULT_MODEL={settings.default_model!r} is not a known model; "
             f"known: {', '.join(sorted(known))}"
         )
+    if known[settings.default_model].get("kind") == "lora":
+        raise ConfigError(
+            f"AILAB_DEFAULT_MODEL={settings.default_model!r} is a LoRA adapter; make its "
+            f"base {known[settings.default_model].get('base')!r} the default and name the "
+            "adapter in requests"
+        )
+    _refuse_registered_adapters(known)
     unknown = [key for key in settings.preload if key not in known]
     if unknown:
         raise ConfigError(
@@ -498,6 +506,8 @@ def _discover_custom_models(settings: Settings) -> dict[str, dict[str, Any]]:
             "base_model": None,
             "training_data": None,
         }
+        if adapters.gguf_type(path) == "adapter":
+            entry.update(kind="lora", description="LoRA adapter found in models/custom/")
         sidecar = path.with_suffix(".json")
         if sidecar.is_file():
             try:
@@ -516,7 +526,62 @@ def get_all_models(settings: Settings) -> dict[str, dict[str, Any]]:
     for key, entry in _load_extra_models(settings).items():
         models[key] = {"is_finetuned": False, **entry}
     models.update(_discover_custom_models(settings))
+    for key, entry in models.items():
+        if entry.get("kind") == "lora":
+            entry["lora_error"], entry["lora_refused"] = _adapter_error(settings, models, key)
     return models
+
+
+def _adapter_error(
+    settings: Settings, models: dict[str, dict[str, Any]], key: str
+) -> tuple[str | None, bool]:
+    """Why a LoRA entry cannot be served with its base (None: it can), and whether that is
+    a refusal (no base, or a file that does not fit it) rather than a file not there yet.
+    Cheap when nothing changed: the check is cached by both files' size and mtime."""
+    entry = models[key]
+    base_key = entry.get("base")
+    base = models.get(base_key) if isinstance(base_key, str) else None
+    if base is None or base.get("kind") == "lora":
+        return (
+            f"LoRA adapter {key!r} names no base model ({base_key!r} is not a model key); "
+            f'give it "base": "<model key>" (for models/custom/{key}.gguf in {key}.json)',
+            True,
+        )
+    path, base_path = model_path(settings, entry), model_path(settings, base)
+    if path is None or not path.is_file():
+        return f"LoRA adapter {key!r} has no file at {path}", False
+    if base_path is None or not base_path.is_file():
+        return f"the file of {key!r}'s base {base_key!r} is not on disk yet ({base_path})", False
+    error = adapters.checked_lora(path, base_path, base_key)
+    return error, error is not None
+
+
+def _refuse_registered_adapters(models: dict[str, dict[str, Any]]) -> None:
+    """An adapter registered in code or AILAB_EXTRA_MODELS that does not fit its base stops
+    the start. One dropped into models/custom/ is listed as refused instead, and missing
+    files are reported when the adapter is named, as for models."""
+    for entry in models.values():
+        if entry.get("lora_refused") and not entry.get("is_finetuned"):
+            raise ConfigError(f"AILAB_EXTRA_MODELS: {entry['lora_error']}")
+
+
+def adapter_files(
+    settings: Settings, models: dict[str, dict[str, Any]], base: str
+) -> tuple[AdapterFile, ...]:
+    """A base model's servable LoRA adapters, sorted by key (their ids in llama-server)."""
+    found = []
+    for key in sorted(models):
+        entry = models[key]
+        if entry.get("kind") != "lora" or entry.get("base") != base or entry["lora_error"]:
+            continue
+        path = model_path(settings, entry)
+        try:
+            stat = path.stat() if path else None
+        except OSError:
+            continue  # removed since it was checked
+        if path and stat:
+            found.append(AdapterFile(key=key, path=path, stamp=(stat.st_size, stat.st_mtime_ns)))
+    return tuple(found)
 
 
 def list_available_models(settings: Settings, include_finetuned: bool = True) -> list[str]:
@@ -526,6 +591,16 @@ def list_available_models(settings: Settings, include_finetuned: bool = True) ->
         for key, entry in get_all_models(settings).items()
         if include_finetuned or not entry["is_finetuned"]
     ]
+
+
+class AdapterFile(BaseModel):
+    """A LoRA adapter a base model's llama-server is started with (`--lora`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    path: Path
+    stamp: tuple[int, int]  # size, mtime_ns: a changed file is a different adapter
 
 
 class ModelSource(BaseModel):
@@ -550,6 +625,9 @@ class ModelSource(BaseModel):
     remote_model: str | None = None
     max_concurrency: int | None = None
     rpc: tuple[str, ...] = ()  # llama.cpp RPC workers (host:port) its layers are split across
+
+    adapters: tuple[AdapterFile, ...] = ()  # a base's LoRA adapters, in llama-server id order
+    adapter: str | None = None  # the adapter key a request named: served by this base
 
     @property
     def remote_name(self) -> str:
@@ -589,6 +667,11 @@ def get_model_source(settings: Settings, model_key: str) -> ModelSource:
     if model_key not in models:
         raise KeyError(model_key)
     entry = models[model_key]
+    if entry.get("kind") == "lora":
+        if entry["lora_error"]:
+            raise adapters.AdapterMismatch(entry["lora_error"])
+        base = get_model_source(settings, entry["base"])
+        return base.model_copy(update={"adapter": model_key})
     path = model_path(settings, entry)
     template = entry.get("chat_template_file")
     template_file = template_path(template) if template else None
@@ -603,6 +686,7 @@ def get_model_source(settings: Settings, model_key: str) -> ModelSource:
         "pinned": bool(entry.get("pinned")),
         "ttl_s": entry.get("ttl"),
         "reranker": bool(entry.get("reranker")),
+        "adapters": adapter_files(settings, models, model_key),
     }
     if entry.get("url"):
         return ModelSource(

@@ -28,6 +28,7 @@ from ailab.agent.turn import (
     TurnRecord,
 )
 from ailab.api.schemas import (
+    AdapterInfo,
     ApprovalRequest,
     ChatRequest,
     DownloadInfo,
@@ -41,6 +42,7 @@ from ailab.finetune.service import FinetuneService
 from ailab.mcp.client import McpHub
 from ailab.metrics import GatewayState, Metrics, ModelFacts, StateCollector, llama_metrics_text
 from ailab.storage import AsyncStore, PendingApproval, StoredConversation, merge_messages
+from ailab.upstream import lora
 from ailab.upstream.admission import GenerationGate, KeyedLocks
 from ailab.upstream.pool import Instance, ModelPool, PoolRefused, Purpose, instance_id
 from ailab.upstream.supervisor import (
@@ -90,7 +92,8 @@ class Gateway:
         self.metrics.add_collector(StateCollector(self._metrics_state))
         self.system_prompt = config.DEFAULT_SYSTEM_PROMPT
         self.tools_enabled = True
-        self._engines: dict[str, ChatEngine] = {}
+        self._engines: dict[tuple[str, str | None], ChatEngine] = {}
+        self._adapter_bases: dict[str, str] = {}  # LoRA adapter key -> the base serving it
         self.finetune = FinetuneService(settings)
         self._switch_lock = asyncio.Lock()
         self._first_load: asyncio.Task[None] | None = None
@@ -112,6 +115,9 @@ class Gateway:
                 log.warning("ignoring saved tool roots: %s", exc)
         await self.pool.start()
         registry = await asyncio.to_thread(config.get_all_models, self.settings)
+        for key, entry in registry.items():
+            if entry.get("lora_refused"):
+                log.error("LoRA adapter %s refused: %s", key, entry["lora_error"])
         # Remote upstreams are checked from the start, so /models shows whether they answer.
         remotes = [key for key, entry in registry.items() if entry.get("url")]
         keys = list(dict.fromkeys([self.default_model, *self.settings.preload, *remotes]))
@@ -175,9 +181,10 @@ class Gateway:
     def engine(self) -> ChatEngine:
         return self.engine_for(self.default_instance)
 
-    def engine_for(self, instance: Instance) -> ChatEngine:
-        """The agent loop bound to one instance (its client, its port, its token counts)."""
-        engine = self._engines.get(instance.id)
+    def engine_for(self, instance: Instance, adapter: str | None = None) -> ChatEngine:
+        """The agent loop bound to one instance (its client, its port, its token counts)
+        and, for a LoRA base, to one of its adapters (None: the base itself)."""
+        engine = self._engines.get((instance.id, adapter))
         if engine is None:
             engine = ChatEngine(
                 instance.http,
@@ -187,16 +194,19 @@ class Gateway:
                 lambda: self.tool_policy,
                 self.mcp,
                 self.metrics,
-                model=instance.source.remote_name if instance.remote else None,
+                lambda: _request_fields(instance, adapter),
             )
-            self._engines[instance.id] = engine
+            self._engines[(instance.id, adapter)] = engine
         return engine
 
     def list_models(self) -> list[ModelInfo]:
         """Every model with its file and pool state; called in a worker thread (it stats
         files and reads GGUF headers)."""
         infos = []
-        for key, entry in config.get_all_models(self.settings).items():
+        models = config.get_all_models(self.settings)
+        for key, entry in models.items():
+            if entry.get("kind") == "lora":
+                continue  # listed under its base
             path = config.model_path(self.settings, entry)
             source = self.model_source(key)
             # A remote model has nothing to download: it is there as soon as registered.
@@ -223,9 +233,53 @@ class Gateway:
                     rpc_workers=list(source.rpc),
                     **main.model_dump(exclude={"id", "purpose"}),
                     embeddings=self.instance_status(source, "embed") if embeddings else None,
+                    adapters=self._adapters_of(source, models),
                 )
             )
         return infos
+
+    def _adapters_of(
+        self, source: ModelSource, models: dict[str, dict[str, Any]]
+    ) -> list[AdapterInfo]:
+        """A base's LoRA adapters with their state, the refused ones with the reason."""
+        instance = self.pool.instances.get(source.key)
+        servable = {file.key: file for file in source.adapters}
+        adapters = []
+        for key, entry in models.items():
+            if entry.get("kind") != "lora" or entry.get("base") != source.key:
+                continue
+            state, message = (
+                lora.adapter_state(instance, servable[key])
+                if key in servable
+                else ("refused", entry["lora_error"])
+            )
+            adapters.append(
+                AdapterInfo(
+                    key=key,
+                    name=entry.get("name", key),
+                    description=entry.get("description"),
+                    base=source.key,
+                    state=state,
+                    message=message,
+                )
+            )
+        return adapters
+
+    def refused_adapters(self) -> list[AdapterInfo]:
+        """Adapters whose base is not a model: nothing to list them under."""
+        models = config.get_all_models(self.settings)
+        return [
+            AdapterInfo(
+                key=key,
+                name=entry.get("name", key),
+                description=entry.get("description"),
+                base=entry.get("base") if isinstance(entry.get("base"), str) else None,
+                state="refused",
+                message=entry["lora_error"],
+            )
+            for key, entry in models.items()
+            if entry.get("kind") == "lora" and entry.get("base") not in models
+        ]
 
     def instance_status(self, source: ModelSource, purpose: Purpose = "generate") -> InstanceStatus:
         """What the pool knows about one instance of a model, loaded or not (may read the
@@ -267,6 +321,11 @@ class Gateway:
         Fails fast for an unknown key or a missing file; if the new model does not load,
         the previous default stays (and is loaded again if it was unloaded for room)."""
         source = await asyncio.to_thread(self._loadable_source, key)
+        if source.adapter is not None:
+            raise BadRequest(
+                f"{key!r} is a LoRA adapter of {source.key!r}: switch to {source.key!r} and "
+                f'name {key!r} in a request\'s "model" to use it'
+            )
         if source.kind == "huggingface":
             # Downloading first keeps the current model serving meanwhile; only a
             # complete download can make it give way, and a failed one leaves it running.
@@ -310,6 +369,7 @@ class Gateway:
 
     async def load_model(self, key: str) -> Instance:
         source = await asyncio.to_thread(self._loadable_source, key)
+        await lora.prepare(self.pool, source)  # started with the adapters there now
         return await self.pool.load(source)
 
     async def unload_model(self, key: str) -> list[str]:
@@ -347,6 +407,15 @@ class Gateway:
         """Admission for anything that generates: a queue place, no switch running, and
         the model's instance serving (loaded first, and waited for, bounded)."""
         waiting_since = time.perf_counter()
+        if source.adapter is not None and purpose != "generate":
+            raise BadRequest(
+                f"{source.adapter!r} is a LoRA adapter: it serves generation only; "
+                f"name its base {source.key!r} for {purpose} requests"
+            )
+        if purpose == "generate":
+            await lora.prepare(self.pool, source)
+        if source.adapter is not None:
+            self._adapter_bases[source.adapter] = source.key
         async with self.gate.generation(), self.pool.use(source, purpose) as instance:
             self.metrics.queue_wait_seconds.observe(time.perf_counter() - waiting_since)
             yield instance
@@ -449,8 +518,9 @@ class Gateway:
             source = await self.source_for(requested_model or stored.model_key)
             n_budget = self.token_budget(source, max_tokens)
             instance = await resources.enter_async_context(self.generation(source))
-            record, events = await build(stored, self.engine_for(instance), n_budget)
-            record.model_key = instance.key
+            engine = self.engine_for(instance, source.adapter)
+            record, events = await build(stored, engine, n_budget)
+            record.model_key = source.adapter or instance.key
         except BaseException:
             await resources.aclose()
             raise
@@ -564,12 +634,21 @@ class Gateway:
 
     def chat_extras(self, model_key: str | None, conversation_id: str) -> dict[str, Any]:
         """What a chat response says about where it ran."""
-        instance = self.pool.instances.get(model_key or self.default_model)
+        key = model_key or self.default_model
+        instance = self.pool.instances.get(self._adapter_bases.get(key, key))
         return {
             "conversation_id": conversation_id,
             "model_key": model_key or self.default_model,
             "device": instance.manager.device if instance else "CPU",
         }
+
+
+def _request_fields(instance: Instance, adapter: str | None) -> dict[str, Any]:
+    """What every request of a conversation's engine adds: a remote upstream's name for
+    the model, or a LoRA base's adapter scales."""
+    if instance.remote:
+        return {"model": instance.source.remote_name}
+    return lora.request_fields(instance, adapter)
 
 
 def _file_size(path: Path) -> int:

@@ -131,12 +131,12 @@ class ChatEngine:
         tool_policy: Callable[[], tools.ToolPolicy],
         extra_tools: ExtraTools | None = None,
         metrics: Metrics | None = None,
-        model: str | None = None,
+        request_fields: Callable[[], dict[str, Any]] = dict,
     ) -> None:
         self.http = http
-        # The model field of every request: a remote upstream may serve several models;
-        # a local llama-server serves one and is sent none.
-        self._model = {"model": model} if model else {}
+        # Added to every request when it is sent: a remote upstream's model name, or a LoRA
+        # base's adapter scales.
+        self.request_fields = request_fields
         self.metrics = metrics
         self.store = store
         self.llama_url = llama_url
@@ -149,7 +149,7 @@ class ChatEngine:
         body = await proxy.post_json(
             self.http,
             f"{self.llama_url}/tokenize",
-            {**self._model, "content": text, "add_special": False},
+            {**self.request_fields(), "content": text, "add_special": False},
         )
         return len(body.get("tokens", []))
 
@@ -220,7 +220,7 @@ class ChatEngine:
     def _payload(
         self, opts: TurnOptions, messages: list[Message], schemas: list[dict[str, Any]] | None
     ) -> dict[str, Any]:
-        payload: dict[str, Any] = {**self._model, "messages": messages, **opts.sampling}
+        payload: dict[str, Any] = {"messages": messages, **opts.sampling, **self.request_fields()}
         if schemas:
             # A forced choice was served by _forced_call on the first call; after it, and
             # for "auto", the model decides.
@@ -269,12 +269,12 @@ class ChatEngine:
         name = opts.named_tool
         schema, instruction = _forced_schema(name, available)
         payload: dict[str, Any] = {
-            **self._model,
             **opts.sampling,
             # Arguments (a file's content, say) may need more room than the answer.
             "max_tokens": max(int(opts.sampling.get("max_tokens") or 0), FORCED_CALL_TOKENS),
             "messages": [*messages, {"role": "user", "content": instruction}],
             "response_format": {"type": "json_object", "schema": schema},
+            **self.request_fields(),
         }
         body = await proxy.post_json(self.http, f"{self.llama_url}/v1/chat/completions", payload)
         choice = (body.get("choices") or [{}])[0]

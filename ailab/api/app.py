@@ -165,6 +165,7 @@ def _add_status_routes(app: FastAPI, gw: Gateway) -> None:
             memory_budget_mb=gw.pool.budget_mb,
             max_loaded_models=gw.pool.max_models,
             models=infos,
+            refused_adapters=await asyncio.to_thread(gw.refused_adapters),
         )
 
     @app.post("/models/load", response_model=LoadResponse)

@@ -23,7 +23,7 @@ from starlette.types import Message, Receive, Scope, Send
 from ailab import metrics
 from ailab.errors import AilabError, BadRequest, described
 from ailab.gateway import Gateway
-from ailab.upstream import proxy
+from ailab.upstream import lora, proxy
 from ailab.upstream.pool import Purpose
 from ailab.upstream.supervisor import LlamaStartError
 
@@ -74,6 +74,7 @@ class OpenAIModel(BaseModel):
     in_flight: int
     last_used: float | None
     message: str | None
+    parent: str | None = None  # a LoRA adapter's base model
 
 
 class OpenAIModelList(BaseModel):
@@ -125,6 +126,21 @@ def add_routes(app: FastAPI, gw: Gateway) -> None:
                 )
                 for info in infos
             ]
+            + [
+                OpenAIModel(
+                    id=adapter.key,
+                    state=adapter.state,
+                    current=False,
+                    memory_estimate_mb=None,
+                    memory_measured_mb=None,
+                    in_flight=0,
+                    last_used=None,
+                    message=adapter.message,
+                    parent=info.key,
+                )
+                for info in infos
+                for adapter in info.adapters
+            ]
         )
 
 
@@ -156,7 +172,7 @@ async def _forward(
     if model is not None and not isinstance(model, str):
         raise BadRequest("model must be a string (a key from /v1/models)")
     source = await gw.source_for(model)
-    metrics.note(scope, model=source.key)
+    metrics.note(scope, model=source.adapter or source.key)
     if route.purpose == "rerank" and not source.reranker:
         raise BadRequest(
             f"{source.key} is not registered as a reranker, so it is not started with "
@@ -168,6 +184,8 @@ async def _forward(
         instance = await resources.enter_async_context(gw.generation(source, route.purpose))
         if instance.remote:
             body = _naming(source.remote_name, payload, body)
+        elif route.purpose == "generate":
+            body = lora.with_scales(body, payload, instance, source.adapter)
         upstream = instance.http.build_request(
             "POST",
             f"{instance.manager.base_url}{route.path}",

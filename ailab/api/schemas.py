@@ -201,6 +201,19 @@ class HealthResponse(BaseModel):
     models: list[InstanceStatus]
 
 
+class AdapterInfo(BaseModel):
+    """A LoRA adapter, served by its base model's process (its key goes in "model")."""
+
+    key: str
+    name: str
+    description: str | None
+    base: str | None
+    # The base's state while its process has the adapter loaded; "refused" with the
+    # reason when it does not fit its base (or names none).
+    state: Literal[InstanceState, "refused"]
+    message: str | None
+
+
 class ModelInfo(BaseModel):
     key: str
     name: str
@@ -230,6 +243,7 @@ class ModelInfo(BaseModel):
     placement: Placement | None = None
     rpc_workers: list[str] = []  # llama.cpp RPC workers its layers are split across
     embeddings: InstanceStatus | None = None
+    adapters: list[AdapterInfo] = []
 
 
 class ModelsResponse(BaseModel):
@@ -237,6 +251,7 @@ class ModelsResponse(BaseModel):
     memory_budget_mb: float
     max_loaded_models: int
     models: list[ModelInfo]
+    refused_adapters: list[AdapterInfo] = []  # adapters whose base is not a model
 
 
 class ModelRequest(BaseModel):

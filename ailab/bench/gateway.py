@@ -841,7 +841,7 @@ def write_json(bench: Bench, started: datetime, quick: bool, out_dir: Path) -> P
 # --- main ---------------------------------------------------------------------------
 
 # The phases `--skip` and `--only` name, in the order they run.
-PHASE_GROUPS = ("proxy", "switch", "pool", "remote", "rpc")
+PHASE_GROUPS = ("proxy", "switch", "pool", "lora", "remote", "rpc")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -865,6 +865,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_phases(bench: Bench, args: argparse.Namespace, log_dir: Path) -> None:
+    from ailab.bench.lora import phase_lora
     from ailab.bench.pool import phase_pool
     from ailab.bench.remote import phase_remote
     from ailab.bench.rpc import phase_rpc
@@ -879,6 +880,7 @@ def run_phases(bench: Bench, args: argparse.Namespace, log_dir: Path) -> None:
         ],
         "switch": [("model switch", lambda: phase_switch(bench, log_dir))],
         "pool": [("model pool", lambda: bench.pool_rows.extend(phase_pool(bench, log_dir)))],
+        "lora": [("LoRA switch", lambda: bench.pool_rows.extend(phase_lora(bench, log_dir)))],
         "remote": [("remote upstream", lambda: phase_remote(bench, log_dir))],
         "rpc": [("RPC workers", lambda: bench.rpc_rows.extend(phase_rpc(bench, log_dir)))],
     }

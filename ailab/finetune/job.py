@@ -150,6 +150,8 @@ def _base_source(settings: Settings, key: str) -> ModelSource:
     if key not in models:
         raise NotFound(f"unknown base model {key!r}; known models: {', '.join(sorted(models))}")
     source = config.get_model_source(settings, key)
+    if source.adapter is not None:
+        raise BadRequest(f"{key!r} is a LoRA adapter; fine-tune its base {source.key!r}")
     if source.path is None or not source.path.is_file():
         raise BadRequest(
             f"base model {key!r} has no local file yet; switch to it once to download it"

@@ -80,7 +80,17 @@ def llama_server_command(
         # Offloaded layers (-ngl) go to the workers too; verbosity 4 is where llama-server
         # logs which device got how much (rpc.read_placement).
         command += ["--rpc", ",".join(source.rpc), "--log-verbosity", "4"]
-    return command + source.extra_args
+    return command + lora_args(source) + source.extra_args
+
+
+def lora_args(source: ModelSource) -> list[str]:
+    """A base's adapters, loaded at scale 0 (every request sends its own scales). Its
+    host-memory prompt cache is off: it keys saved prompts by tokens alone, so a prompt
+    computed under one adapter would be reused under another (tests/test_lora.py)."""
+    if not source.adapters:
+        return []
+    files = [arg for adapter in source.adapters for arg in ("--lora", str(adapter.path))]
+    return [*files, "--lora-init-without-apply", "--cache-ram", "0"]
 
 
 def parse_device_list(output: str) -> list[str]:

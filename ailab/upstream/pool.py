@@ -221,7 +221,14 @@ class ModelPool:
         if source.url is not None:
             return self._remote_instance(source, purpose)
         extra = {"embed": EMBEDDING_ARGS, "rerank": RERANK_ARGS}.get(purpose, [])
-        started_source = source.model_copy(update={"extra_args": [*source.extra_args, *extra]})
+        started_source = source.model_copy(
+            update={
+                "extra_args": [*source.extra_args, *extra],
+                # Only generation applies adapters; the instance serves the base itself.
+                "adapters": source.adapters if purpose == "generate" else (),
+                "adapter": None,
+            }
+        )
         http, transport = proxy.make_client(self._api_key)
         # The first instance takes AILAB_LLAMA_PORT; the others take ports the OS hands out.
         port = None if not self._fixed_port_taken else _free_port()
