@@ -83,6 +83,9 @@ LLAMA_SERVER_CONFIG: dict[str, Any] = {
     "parallel": 4,  # concurrent generation slots
 }
 
+# About 90 saved SmolLM2 conversations of 1,000 tokens, or 16 of an 8B model's 1,000.
+KV_CACHE_MB = 2048.0
+
 GENERATION_DEFAULTS: dict[str, Any] = {
     "temperature": 0.7,
     "max_tokens": 2048,
@@ -147,6 +150,8 @@ class Settings(BaseModel):
     max_loaded_models: int = Field(3, ge=1, le=64)
     model_ttl_s: float = Field(0.0, ge=0)  # idle seconds before unloading; 0 = never
     preload: tuple[str, ...] = ()
+    # Saved KV caches (ailab/upstream/kv_cache.py): disk budget in MB; 0 turns saving off.
+    kv_cache_mb: float = Field(KV_CACHE_MB, ge=0)
 
     @property
     def custom_models_dir(self) -> Path:
@@ -159,6 +164,10 @@ class Settings(BaseModel):
     @property
     def database_path(self) -> Path:
         return self.data_dir / "ailab.sqlite3"
+
+    @property
+    def kv_cache_dir(self) -> Path:
+        return self.data_dir / "kv-cache"
 
     @property
     def workspace_dir(self) -> Path:
@@ -211,6 +220,7 @@ ENV_FIELDS: dict[str, str] = {
     "AILAB_MAX_LOADED_MODELS": "max_loaded_models",
     "AILAB_MODEL_TTL": "model_ttl_s",
     "AILAB_PRELOAD": "preload",
+    "AILAB_KV_CACHE_MB": "kv_cache_mb",
 }
 BOOLEAN_FIELDS = {"net_allow_private", "allow_no_auth", "metrics", "access_log_console"}
 MIN_KEY_CHARS = 16

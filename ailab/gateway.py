@@ -41,6 +41,7 @@ from ailab.mcp.client import McpHub
 from ailab.metrics import GatewayState, Metrics, ModelFacts, StateCollector, llama_metrics_text
 from ailab.storage import AsyncStore, PendingApproval, StoredConversation, merge_messages
 from ailab.upstream.admission import GenerationGate, KeyedLocks
+from ailab.upstream.kv_cache import KvCache
 from ailab.upstream.pool import Instance, ModelPool, PoolRefused, Purpose, instance_id
 from ailab.upstream.supervisor import (
     DownloadFailed,
@@ -78,6 +79,8 @@ class Gateway:
         # llama-server's key: new at each start, in memory only (see LlamaServerManager).
         self.store = AsyncStore(settings.database_path)
         self.pool = ModelPool(settings, binary, secrets.token_urlsafe(32))
+        self.kv = KvCache(settings)
+        self.pool.before_stop = self.kv.save_instance
         self.default_model = settings.default_model
         self.gate = GenerationGate(settings.parallel + settings.queue_limit, settings.switch_wait_s)
         self.conversation_locks = KeyedLocks()
@@ -109,6 +112,7 @@ class Gateway:
                 )
             except ValueError as exc:
                 log.warning("ignoring saved tool roots: %s", exc)
+        await self.kv.start()  # its directory must exist before any llama-server starts
         await self.pool.start()
         keys = list(dict.fromkeys([self.default_model, *self.settings.preload]))
         for key in keys:  # unknown keys fail here, before the port opens
@@ -183,6 +187,7 @@ class Gateway:
                 lambda: self.tool_policy,
                 self.mcp,
                 self.metrics,
+                self.kv.for_instance(instance),
             )
             self._engines[instance.id] = engine
         return engine
@@ -496,6 +501,7 @@ class Gateway:
         """Empty a conversation, after the turn running on it (if any) is stored."""
         async with self.conversation_locks.hold(conversation_id):
             await self.store.reset_conversation(conversation_id)
+            await self.kv.forget(conversation_id)
 
     async def delete_conversation(self, conversation_id: str) -> bool:
         """Delete a conversation; a turn running on it is stopped and nothing of it is
@@ -505,6 +511,7 @@ class Gateway:
             running.stop("the conversation was deleted", keep=False)
         async with self.conversation_locks.hold(conversation_id):
             deleted = await self.store.delete_conversation(conversation_id)
+            await self.kv.forget(conversation_id)
         return deleted or running is not None
 
     # --- metrics ---------------------------------------------------------------------

@@ -166,6 +166,8 @@ async def _forward(
     resources = contextlib.AsyncExitStack()
     try:
         instance = await resources.enter_async_context(gw.generation(source, route.purpose))
+        if gw.kv.waiting(instance, route.path):  # a saved KV cache to restore first
+            body = await gw.kv.restore_for_client(instance, payload, body)
         upstream = instance.http.build_request(
             "POST",
             f"{instance.manager.base_url}{route.path}",

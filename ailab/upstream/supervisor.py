@@ -359,6 +359,7 @@ class LlamaServerManager:
             port=self.port,
             n_ctx=self.n_ctx,
             n_gpu_layers=self.n_gpu_layers,
+            slot_save_path=self.settings.kv_cache_dir if self.settings.kv_cache_mb else None,
         )
 
     async def _spawn(self, path: Path, source: ModelSource) -> None:
