@@ -161,6 +161,7 @@ class Bench:
     raw: dict[str, Any] = field(default_factory=dict)
     rss_samples_mb: list[float] = field(default_factory=list)
     pool_rows: list[Any] = field(default_factory=list)  # bench/pool.py's PoolRow
+    kv_rows: list[Any] = field(default_factory=list)  # bench/kv_cache.py's KvRow
 
     def __post_init__(self) -> None:
         self.bare_client = keyed_client(self.bare_key)
@@ -853,11 +854,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-switch", action="store_true", help="skip the model-switch phase")
     parser.add_argument("--no-pool", action="store_true", help="skip the model-pool phase")
     parser.add_argument("--pool-only", action="store_true", help="run only the model-pool phase")
+    parser.add_argument("--no-kv", action="store_true", help="skip the saved-KV-cache phase")
+    parser.add_argument("--kv-only", action="store_true", help="run only the saved-KV-cache phase")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON goes")
     return parser.parse_args(argv)
 
 
 def run_phases(bench: Bench, args: argparse.Namespace, log_dir: Path) -> None:
+    from ailab.bench.kv_cache import phase_kv_cache
     from ailab.bench.pool import phase_pool
 
     phases: list[tuple[str, Callable[[], None]]] = [
@@ -870,10 +874,17 @@ def run_phases(bench: Bench, args: argparse.Namespace, log_dir: Path) -> None:
     if not args.no_switch:
         phases.append(("model switch", lambda: phase_switch(bench, log_dir)))
     pool_phase = ("model pool", lambda: bench.pool_rows.extend(phase_pool(bench, log_dir)))
+    kv_phase = (
+        "KV cache",
+        lambda: bench.kv_rows.extend(phase_kv_cache(bench, log_dir, args.quick)),
+    )
     if args.pool_only:
         phases = [pool_phase]
-    elif not args.no_pool:
-        phases.append(pool_phase)
+    elif args.kv_only:
+        phases = [kv_phase]
+    else:
+        optional = ((pool_phase, args.no_pool), (kv_phase, args.no_kv))
+        phases += [phase for phase, skipped in optional if not skipped]
     for name, phase in phases:
         started = time.perf_counter()
         with console.status(f"measuring {name}..."):
@@ -944,6 +955,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if bench.pool_rows:
         print_pool_table(bench.pool_rows)
+    from ailab.bench.kv_cache import print_kv_table
+
+    if bench.kv_rows:
+        print_kv_table(bench.kv_rows)
     path = write_json(bench, started_at, args.quick, args.out)
     console.print(f"results written to {path}")
     return 0

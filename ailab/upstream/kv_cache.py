@@ -88,14 +88,16 @@ class Entry:
 class SlotTable:
     """Which owner each slot of one llama-server process holds, and which are busy."""
 
+    instance: Instance
     pid: int | None
     owners: list[Owner | None]
     last_used: list[float]
     busy: list[int]
 
     @classmethod
-    def empty(cls, pid: int | None, n_slots: int) -> SlotTable:
-        return cls(pid, [None] * n_slots, [0.0] * n_slots, [0] * n_slots)
+    def empty(cls, instance: Instance, n_slots: int) -> SlotTable:
+        pid = instance.manager.pid
+        return cls(instance, pid, [None] * n_slots, [0.0] * n_slots, [0] * n_slots)
 
     def acquire(self, owner: Owner) -> int | None:
         """The owner's slot, else the least recently used free one (empty ones first);
@@ -284,7 +286,7 @@ class KvCache:
         """The slot table of the instance's current process (a new process: empty)."""
         table = self._tables.get(instance.id)
         if table is None or table.pid != instance.manager.pid:
-            table = SlotTable.empty(instance.manager.pid, self.n_slots)
+            table = SlotTable.empty(instance, self.n_slots)
             self._tables[instance.id] = table
         return table
 
@@ -320,12 +322,17 @@ class KvCache:
         return None
 
     async def forget(self, conversation_id: str) -> None:
-        """Delete a conversation's saved caches (it was deleted or emptied)."""
-        doomed = [
-            e for e in self.entries.values() if (e.kind, e.owner) == ("chat", conversation_id)
-        ]
+        """Delete a conversation's saved caches and empty its slot (it was deleted or
+        emptied, and its turn is over), so nothing of it is saved again."""
+        owner: Owner = ("chat", conversation_id)
+        doomed = [e for e in self.entries.values() if _owner_of(e) == owner]
         if doomed:
             await self._drop(doomed)
+        for table in self._tables.values():
+            if owner in table.owners:
+                slot = table.owners.index(owner)
+                table.owners[slot] = None
+                await _erase(table.instance, slot)
 
     # --- /v1 clients ---------------------------------------------------------------------
 
@@ -435,8 +442,7 @@ class KvCache:
         url = f"{instance.manager.base_url}/slots/{slot}?action=restore"
         reply = await proxy.post_json(instance.http, url, {"filename": entry.file})
         if reply.get("n_restored") != entry.n_tokens:
-            erase = f"{instance.manager.base_url}/slots/{slot}?action=erase"
-            await proxy.post_json(instance.http, erase, {})
+            await _erase(instance, slot)
             raise ValueError(f"{entry.file}: {reply.get('n_restored')} tokens restored")
 
     # --- saving ----------------------------------------------------------------------------
@@ -525,6 +531,15 @@ class KvCache:
         snapshot = [e.stored() for e in self.entries.values()]
         async with self._index_lock:
             await asyncio.to_thread(_write_index, self.dir, snapshot)
+
+
+async def _erase(instance: Instance, slot: int) -> None:
+    """Empty a slot of a serving instance (best effort: a stopped one holds nothing)."""
+    if not instance.serving:
+        return
+    url = f"{instance.manager.base_url}/slots/{slot}?action=erase"
+    with contextlib.suppress(httpx.HTTPError, proxy.UpstreamError):
+        await proxy.post_json(instance.http, url, {})
 
 
 class InstanceSlots:
