@@ -53,6 +53,16 @@ PACKED_MARK = -1  # llama-server's packed token list starts with LLAMA_TOKEN_NUL
 INDEX = "index.json"
 TMP_PREFIX = "tmp-"
 CHUNK = 4 * MB
+# What a restore may meet (an odd answer from llama-server too); the turn then recomputes.
+RESTORE_ERRORS = (
+    TimeoutError,
+    OSError,
+    httpx.HTTPError,
+    proxy.UpstreamError,
+    ValueError,
+    KeyError,
+    TypeError,
+)
 
 Kind = Literal["chat", "v1"]
 Owner = tuple[Kind, str]  # ("chat", conversation id) or ("v1", the file it came from)
@@ -388,7 +398,7 @@ class KvCache:
                     return None
                 entry.considered_pid = instance.manager.pid
                 await self._load_into(instance, entry, slot)
-        except (TimeoutError, OSError, httpx.HTTPError, proxy.UpstreamError, ValueError) as exc:
+        except RESTORE_ERRORS as exc:
             log.warning("%s: KV cache not restored, recomputing: %s", instance.id, exc)
             return None
         self.restored += 1
@@ -422,7 +432,8 @@ class KvCache:
             await self._drop(bad)
         usable = [(common, entry) for entry, verdict, common in checked if verdict == "ok"]
         if not usable:
-            log.info("no saved KV cache shares %d tokens with the prompt: recomputing", MIN_TOKENS)
+            if len(bad) < len(entries):
+                log.info("no saved KV cache shares %d tokens with the prompt", MIN_TOKENS)
             return None, 0
         common, entry = max(usable, key=lambda pair: pair[0])
         return entry, common
@@ -460,7 +471,10 @@ class KvCache:
             log.warning("%s: KV caches not all saved: %s", instance.id, exc)
         if any(e.model == instance.key and e.kind == "v1" for e in self.entries.values()):
             self._v1_checks[instance.id] = V1_CHECKS
-        await self._trim_and_write()
+        try:
+            await self._trim_and_write()
+        except OSError as exc:
+            log.warning("KV cache index not written (%s): unlisted files go at the next start", exc)
 
     async def _save_slots(self, instance: Instance, table: SlotTable | None) -> None:
         reply = await instance.http.get(f"{instance.manager.base_url}/slots", timeout=10)
