@@ -104,6 +104,15 @@ def test_a_conversation_keeps_its_kv_cache_across_a_swap_and_a_restart(make_gate
     assert not list((swapped.data_dir / "kv-cache").glob("*.bin"))
 
 
+def test_alternating_conversations_each_keep_their_cache(gateway: GatewayProcess) -> None:
+    first = {
+        c: chat(gateway, c, QUESTIONS[0], system_prompt=f"{SYSTEM} ({c})") for c in ("kv-a", "kv-b")
+    }
+    for c in first:  # each conversation's slot still holds its first turn
+        second = chat(gateway, c, QUESTIONS[1], system_prompt=f"{SYSTEM} ({c})")
+        assert second["tokens_cached"] >= first[c]["tokens_input"]
+
+
 def v1_turn(server: GatewayProcess, messages: list[dict]) -> dict:
     body = {"model": SMOL, "messages": messages, **GREEDY}
     reply = requests.post(f"{server.url}/v1/chat/completions", json=body, timeout=300)

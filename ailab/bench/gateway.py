@@ -207,9 +207,12 @@ def llama_command(binary: Path, settings: config.Settings, model_key: str, port:
     if source.path is None or not source.path.is_file():
         raise SystemExit(f"model file for {model_key!r} is missing: run `make models`")
     n_ctx = min(settings.n_ctx, source.context_length)
+    slots = settings.kv_cache_dir if settings.kv_cache_mb else None
+    if slots is not None:
+        slots.mkdir(parents=True, exist_ok=True)  # llama-server refuses a missing one
     return binaries.llama_server_command(
         binary, source, source.path, settings=settings, port=port, n_ctx=n_ctx,
-        n_gpu_layers=settings.n_gpu_layers,
+        n_gpu_layers=settings.n_gpu_layers, slot_save_path=slots,
     )  # fmt: skip
 
 

@@ -47,13 +47,14 @@ class KvRow:
 
 
 def history(n_tokens: int) -> list[dict[str, str]]:
-    """User and assistant messages of about n_tokens in all."""
+    """User and assistant messages of about n_tokens in all, ending with a question (a
+    last assistant message would be continued, not answered)."""
     messages: list[dict[str, str]] = []
     per_pair = len(PARAGRAPH) * 2 // CHARS_PER_TOKEN
     for i in range(max(1, n_tokens // per_pair)):
         messages.append({"role": "user", "content": f"Day {i + 1}: what happened?"})
         messages.append({"role": "assistant", "content": PARAGRAPH * 2})
-    return messages
+    return [*messages, {"role": "user", "content": "Anything else?"}]
 
 
 def chat_body(conversation: str, model: str, messages: list[dict[str, str]]) -> dict[str, Any]:
