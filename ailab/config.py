@@ -85,6 +85,9 @@ LLAMA_SERVER_CONFIG: dict[str, Any] = {
     "parallel": 4,  # concurrent generation slots
 }
 
+# About 90 saved SmolLM2 conversations of 1,000 tokens, or 16 of an 8B model's 1,000.
+KV_CACHE_MB = 2048.0
+
 GENERATION_DEFAULTS: dict[str, Any] = {
     "temperature": 0.7,
     "max_tokens": 2048,
@@ -154,6 +157,8 @@ class Settings(BaseModel):
     # llama.cpp RPC workers (host:port) for every local model without its own "rpc" list.
     rpc_workers: tuple[str, ...] = ()
     rpc_trusted_network: bool = False  # allow workers that are not on this machine
+    # Saved KV caches (ailab/upstream/kv_cache.py): disk budget in MB; 0 turns saving off.
+    kv_cache_mb: float = Field(KV_CACHE_MB, ge=0)
 
     @property
     def custom_models_dir(self) -> Path:
@@ -166,6 +171,10 @@ class Settings(BaseModel):
     @property
     def database_path(self) -> Path:
         return self.data_dir / "ailab.sqlite3"
+
+    @property
+    def kv_cache_dir(self) -> Path:
+        return self.data_dir / "kv-cache"
 
     @property
     def workspace_dir(self) -> Path:
@@ -221,6 +230,7 @@ ENV_FIELDS: dict[str, str] = {
     "AILAB_PRELOAD": "preload",
     "AILAB_RPC_WORKERS": "rpc_workers",
     "AILAB_RPC_TRUSTED_NETWORK": "rpc_trusted_network",
+    "AILAB_KV_CACHE_MB": "kv_cache_mb",
 }
 BOOLEAN_FIELDS = {
     "net_allow_private",

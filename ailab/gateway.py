@@ -44,6 +44,7 @@ from ailab.metrics import GatewayState, Metrics, ModelFacts, StateCollector, lla
 from ailab.storage import AsyncStore, PendingApproval, StoredConversation, merge_messages
 from ailab.upstream import lora
 from ailab.upstream.admission import GenerationGate, KeyedLocks
+from ailab.upstream.kv_cache import KvCache
 from ailab.upstream.pool import Instance, ModelPool, PoolRefused, Purpose, instance_id
 from ailab.upstream.supervisor import (
     DownloadFailed,
@@ -81,6 +82,8 @@ class Gateway:
         # llama-server's key: new at each start, in memory only (see LlamaServerManager).
         self.store = AsyncStore(settings.database_path)
         self.pool = ModelPool(settings, binary, secrets.token_urlsafe(32))
+        self.kv = KvCache(settings)
+        self.pool.before_stop = self.kv.save_instance
         self.default_model = settings.default_model
         self.gate = GenerationGate(settings.parallel + settings.queue_limit, settings.switch_wait_s)
         self.conversation_locks = KeyedLocks()
@@ -113,6 +116,7 @@ class Gateway:
                 )
             except ValueError as exc:
                 log.warning("ignoring saved tool roots: %s", exc)
+        await self.kv.start()  # its directory must exist before any llama-server starts
         await self.pool.start()
         registry = await asyncio.to_thread(config.get_all_models, self.settings)
         for key, entry in registry.items():
@@ -195,6 +199,7 @@ class Gateway:
                 self.mcp,
                 self.metrics,
                 lambda: _request_fields(instance, adapter),
+                self.kv.for_instance(instance),
             )
             self._engines[(instance.id, adapter)] = engine
         return engine
@@ -579,6 +584,7 @@ class Gateway:
         """Empty a conversation, after the turn running on it (if any) is stored."""
         async with self.conversation_locks.hold(conversation_id):
             await self.store.reset_conversation(conversation_id)
+            await self.kv.forget(conversation_id)
 
     async def delete_conversation(self, conversation_id: str) -> bool:
         """Delete a conversation; a turn running on it is stopped and nothing of it is
@@ -588,6 +594,7 @@ class Gateway:
             running.stop("the conversation was deleted", keep=False)
         async with self.conversation_locks.hold(conversation_id):
             deleted = await self.store.delete_conversation(conversation_id)
+            await self.kv.forget(conversation_id)
         return deleted or running is not None
 
     # --- metrics ---------------------------------------------------------------------

@@ -11,6 +11,7 @@ proposed, updated when it starts and when it ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -51,6 +52,17 @@ class ExtraTools(Protocol):
     ) -> dict[str, Any]: ...
 
 
+class SlotCache(Protocol):
+    """Keeps a conversation's KV cache in one llama-server slot (and restores it there
+    after the model was reloaded): wraps each model call of the conversation."""
+
+    def hold(
+        self, conversation_id: str, request: dict[str, Any]
+    ) -> contextlib.AbstractAsyncContextManager[dict[str, Any]]:
+        """Yields the fields to add to the request (its slot)."""
+        ...
+
+
 @dataclass
 class TurnOptions:
     """What one request asked for, resolved against the server's defaults."""
@@ -78,6 +90,7 @@ class TurnStats:
     """What one turn has done so far; kept in a pending approval to resume later."""
 
     tokens_input: int = 0
+    tokens_cached: int = 0  # prompt tokens llama-server reused instead of evaluating
     tokens_generated: int = 0
     model_time_s: float = 0.0
     predicted_ms: float = 0.0
@@ -91,9 +104,11 @@ class TurnStats:
 
     def add_usage(self, reply: dict[str, Any], elapsed_s: float) -> None:
         usage = reply.get("usage") or {}
+        timings = reply.get("timings") or {}
         self.tokens_input += int(usage.get("prompt_tokens") or 0)
+        self.tokens_cached += int(timings.get("cache_n") or 0)
         self.tokens_generated += int(usage.get("completion_tokens") or 0)
-        self.predicted_ms += float((reply.get("timings") or {}).get("predicted_ms") or 0.0)
+        self.predicted_ms += float(timings.get("predicted_ms") or 0.0)
         self.model_time_s += elapsed_s
 
     def summary(self) -> dict[str, Any]:
@@ -101,6 +116,7 @@ class TurnStats:
         return {
             "response": self.content,
             "tokens_input": self.tokens_input,
+            "tokens_cached": self.tokens_cached,
             "tokens_generated": self.tokens_generated,
             "tokens_total": self.tokens_input + self.tokens_generated,
             "generation_time": round(self.model_time_s, 3),
@@ -132,11 +148,13 @@ class ChatEngine:
         extra_tools: ExtraTools | None = None,
         metrics: Metrics | None = None,
         request_fields: Callable[[], dict[str, Any]] = dict,
+        slot_cache: SlotCache | None = None,
     ) -> None:
         self.http = http
         # Added to every request when it is sent: a remote upstream's model name, or a LoRA
         # base's adapter scales.
         self.request_fields = request_fields
+        self.slot_cache = slot_cache
         self.metrics = metrics
         self.store = store
         self.llama_url = llama_url
@@ -241,25 +259,36 @@ class ChatEngine:
         reply: ModelReply,
     ) -> AsyncIterator[Event]:
         started = time.perf_counter()
-        if forced:
-            body = await self._forced_call(opts, messages)
-        elif opts.stream:
-            payload = self._payload(opts, messages, schemas)
-            body = {}
-            async for event in self._stream_call(payload, body, reply.streamed):
-                yield event
-        else:
-            payload = self._payload(opts, messages, schemas)
-            body = await proxy.post_json(
-                self.http, f"{self.llama_url}/v1/chat/completions", payload
-            )
+        payload = self._payload(opts, messages, schemas)
+        async with self._slot(opts, payload) as pinned:
+            if forced:
+                body = await self._forced_call(opts, messages, pinned)
+            elif opts.stream:
+                body = {}
+                stream = self._stream_call({**payload, **pinned}, body, reply.streamed)
+                async for event in stream:
+                    yield event
+            else:
+                body = await proxy.post_json(
+                    self.http, f"{self.llama_url}/v1/chat/completions", {**payload, **pinned}
+                )
         stats.add_usage(body, time.perf_counter() - started)
         choice = (body.get("choices") or [{}])[0]
         message = choice.get("message") or {}
         reply.message = _clean_assistant_message(message)
         reply.finish_reason = choice.get("finish_reason")
 
-    async def _forced_call(self, opts: TurnOptions, messages: list[Message]) -> dict:
+    def _slot(
+        self, opts: TurnOptions, payload: dict[str, Any]
+    ) -> contextlib.AbstractAsyncContextManager[dict[str, Any]]:
+        if self.slot_cache is None:
+            return contextlib.nullcontext({})
+        rendered = {k: v for k, v in payload.items() if k not in {"stream", "stream_options"}}
+        return self.slot_cache.hold(opts.conversation_id, rendered)
+
+    async def _forced_call(
+        self, opts: TurnOptions, messages: list[Message], pinned: dict[str, Any]
+    ) -> dict:
         """A forced tool call ("required" or a named function), built by the gateway.
 
         llama-server rejects a named tool_choice and does not enforce "required" with every
@@ -275,6 +304,7 @@ class ChatEngine:
             "messages": [*messages, {"role": "user", "content": instruction}],
             "response_format": {"type": "json_object", "schema": schema},
             **self.request_fields(),
+            **pinned,
         }
         body = await proxy.post_json(self.http, f"{self.llama_url}/v1/chat/completions", payload)
         choice = (body.get("choices") or [{}])[0]

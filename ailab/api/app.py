@@ -41,6 +41,7 @@ from ailab.api.schemas import (
     DownloadInfo,
     GenerationOptions,
     HealthResponse,
+    KvCacheStatus,
     LoadResponse,
     ModelRequest,
     ModelsResponse,
@@ -154,6 +155,7 @@ def _add_status_routes(app: FastAPI, gw: Gateway) -> None:
             memory_used_mb=round(sum(i.cost_mb for i in gw.pool.resident()), 1),
             max_loaded_models=gw.pool.max_models,
             models=residents,
+            kv_cache=KvCacheStatus(**gw.kv.status()),
         )
         return JSONResponse(body.model_dump(), status_code=status)
 

@@ -186,6 +186,8 @@ async def _forward(
             body = _naming(source.remote_name, payload, body)
         elif route.purpose == "generate":
             body = lora.with_scales(body, payload, instance, source.adapter)
+        if gw.kv.waiting(instance, route.path):  # a saved KV cache to restore first
+            body = await gw.kv.restore_for_client(instance, payload, body)
         upstream = instance.http.build_request(
             "POST",
             f"{instance.manager.base_url}{route.path}",

@@ -119,6 +119,7 @@ class ChatResponse(BaseModel):
     conversation_id: str
     model_key: str | None
     tokens_input: int
+    tokens_cached: int = 0  # of tokens_input, reused from llama-server's cache
     tokens_generated: int
     tokens_total: int
     generation_time: float
@@ -181,6 +182,17 @@ class InstanceStatus(BaseModel):
     placement: Placement | None = None  # a ready model on RPC workers
 
 
+class KvCacheStatus(BaseModel):
+    """Saved KV caches on disk (AILAB_KV_CACHE_MB; 0 turns them off)."""
+
+    enabled: bool
+    budget_mb: float
+    used_mb: float
+    files: int
+    restored: int  # since the gateway started
+    rejected: int  # files found damaged (deleted; the turn recomputed)
+
+
 class HealthResponse(BaseModel):
     """Top-level fields describe the default model; ``models`` every resident instance."""
 
@@ -199,6 +211,7 @@ class HealthResponse(BaseModel):
     memory_used_mb: float
     max_loaded_models: int
     models: list[InstanceStatus]
+    kv_cache: KvCacheStatus
 
 
 class AdapterInfo(BaseModel):

@@ -162,6 +162,7 @@ class Bench:
     rss_samples_mb: list[float] = field(default_factory=list)
     pool_rows: list[Any] = field(default_factory=list)  # bench/pool.py's PoolRow
     rpc_rows: list[Any] = field(default_factory=list)  # bench/rpc.py's, PoolRow too
+    kv_rows: list[Any] = field(default_factory=list)  # bench/kv_cache.py's KvRow
 
     def __post_init__(self) -> None:
         self.bare_client = keyed_client(self.bare_key)
@@ -207,9 +208,12 @@ def llama_command(binary: Path, settings: config.Settings, model_key: str, port:
     if source.path is None or not source.path.is_file():
         raise SystemExit(f"model file for {model_key!r} is missing: run `make models`")
     n_ctx = min(settings.n_ctx, source.context_length)
+    slots = settings.kv_cache_dir if settings.kv_cache_mb else None
+    if slots is not None:
+        slots.mkdir(parents=True, exist_ok=True)  # llama-server refuses a missing one
     return binaries.llama_server_command(
         binary, source, source.path, settings=settings, port=port, n_ctx=n_ctx,
-        n_gpu_layers=settings.n_gpu_layers,
+        n_gpu_layers=settings.n_gpu_layers, slot_save_path=slots,
     )  # fmt: skip
 
 
@@ -841,7 +845,7 @@ def write_json(bench: Bench, started: datetime, quick: bool, out_dir: Path) -> P
 # --- main ---------------------------------------------------------------------------
 
 # The phases `--skip` and `--only` name, in the order they run.
-PHASE_GROUPS = ("proxy", "switch", "pool", "lora", "remote", "rpc")
+PHASE_GROUPS = ("proxy", "switch", "pool", "kv", "lora", "remote", "rpc")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -865,6 +869,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_phases(bench: Bench, args: argparse.Namespace, log_dir: Path) -> None:
+    from ailab.bench.kv_cache import phase_kv_cache
     from ailab.bench.lora import phase_lora
     from ailab.bench.pool import phase_pool
     from ailab.bench.remote import phase_remote
@@ -886,6 +891,27 @@ def run_phases(bench: Bench, args: argparse.Namespace, log_dir: Path) -> None:
     }
     chosen = args.only or [group for group in PHASE_GROUPS if group not in args.skip]
     phases = [phase for group in PHASE_GROUPS if group in chosen for phase in groups[group]]
+    phases: list[tuple[str, Callable[[], None]]] = [
+        ("non-streamed latency", lambda: phase_non_streamed(bench)),
+        ("time to first token", lambda: phase_ttft(bench)),
+        ("streamed tokens/s", lambda: phase_stream_rate(bench)),
+        ("throughput", lambda: phase_throughput(bench)),
+        ("metrics on vs off", lambda: phase_metrics_cost(bench, log_dir)),
+    ]
+    if not args.no_switch:
+        phases.append(("model switch", lambda: phase_switch(bench, log_dir)))
+    pool_phase = ("model pool", lambda: bench.pool_rows.extend(phase_pool(bench, log_dir)))
+    kv_phase = (
+        "KV cache",
+        lambda: bench.kv_rows.extend(phase_kv_cache(bench, log_dir, args.quick)),
+    )
+    if args.pool_only:
+        phases = [pool_phase]
+    elif args.kv_only:
+        phases = [kv_phase]
+    else:
+        optional = ((pool_phase, args.no_pool), (kv_phase, args.no_kv))
+        phases += [phase for phase, skipped in optional if not skipped]
     for name, phase in phases:
         started = time.perf_counter()
         with console.status(f"measuring {name}..."):
@@ -958,6 +984,10 @@ def main(argv: list[str] | None = None) -> int:
         print_pool_table(bench.pool_rows)
     if bench.rpc_rows:
         print_pool_table(bench.rpc_rows, f"RPC workers ({args.model})")
+    from ailab.bench.kv_cache import print_kv_table
+
+    if bench.kv_rows:
+        print_kv_table(bench.kv_rows)
     path = write_json(bench, started_at, args.quick, args.out)
     console.print(f"results written to {path}")
     return 0

@@ -56,8 +56,10 @@ def llama_server_command(
     port: int,
     n_ctx: int,
     n_gpu_layers: int,
+    slot_save_path: Path | None = None,
 ) -> list[str]:
-    """The llama-server command line; the gateway and the bare benchmark both use it."""
+    """The llama-server command line; the gateway and the bare benchmark both use it.
+    With ``slot_save_path`` (an existing directory), slots can be saved to files there."""
     command = [
         str(binary),
         "--model", str(model_path),
@@ -74,6 +76,10 @@ def llama_server_command(
     ]  # fmt: skip
     if settings.n_threads:
         command += ["--threads", str(settings.n_threads)]
+    if slot_save_path is not None:
+        # Idle slots keep their KV cache, so that a model about to stop can save each of
+        # them: by default llama-server moves idle slots to its RAM cache, out of reach.
+        command += ["--slot-save-path", str(slot_save_path), "--no-cache-idle-slots"]
     if source.chat_template_path:
         command += ["--chat-template-file", str(source.chat_template_path)]
     if source.rpc:

@@ -14,7 +14,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -178,6 +178,9 @@ class ModelPool:
         self._fixed_port_taken = False
         self._estimates: dict[tuple[str, int, int, int, int], float] = {}
         self._rpc_prober = rpc.Prober()
+        # Called with a serving instance about to stop (evicted, idle, unloaded, shut down,
+        # restarted): the gateway saves its KV caches (kv_cache.py). Bounds its own time.
+        self.before_stop: Callable[[Instance], Awaitable[None]] | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -198,6 +201,7 @@ class ModelPool:
         if self._housekeeper:
             self._housekeeper.cancel()
         for instance in list(self.instances.values()):
+            await self._before_stop(instance)
             await instance.manager.close()
             await instance.http.aclose()
         await self._rpc_prober.close()
@@ -443,8 +447,13 @@ class ModelPool:
             instance.unloading = False
             self._notify()
 
+    async def _before_stop(self, instance: Instance) -> None:
+        if self.before_stop is not None and instance.manager.state == ManagerState.READY:
+            await self.before_stop(instance)  # a failed or crashed process has nothing to save
+
     async def _stop(self, instance: Instance) -> None:
         try:
+            await self._before_stop(instance)
             await instance.manager.stop()
         finally:
             instance.unloading = False
@@ -462,6 +471,7 @@ class ModelPool:
             instance.estimate_mb = await asyncio.to_thread(
                 self.estimate, instance.source, instance.purpose
             )
+            await self._before_stop(instance)
             await instance.manager.restart(instance.source)
             await self._measure(instance)
 

@@ -359,6 +359,11 @@ class LlamaServerManager:
         return path
 
     def _command(self, path: Path, source: ModelSource) -> list[str]:
+        """The command line (blocking: it creates the directory for saved slots, which
+        llama-server refuses to start without)."""
+        slots = self.settings.kv_cache_dir if self.settings.kv_cache_mb else None
+        if slots is not None:
+            slots.mkdir(parents=True, exist_ok=True)
         return binaries.llama_server_command(
             self.binary,
             source,
@@ -367,10 +372,11 @@ class LlamaServerManager:
             port=self.port,
             n_ctx=self.n_ctx,
             n_gpu_layers=self.n_gpu_layers,
+            slot_save_path=slots,
         )
 
     async def _spawn(self, path: Path, source: ModelSource) -> None:
-        command = self._command(path, source)
+        command = await asyncio.to_thread(self._command, path, source)
         log_file = await asyncio.to_thread(self._open_log, command)
         # The key goes through the environment: a command line is visible to every local
         # user in `ps`, and it is written to the log above.
