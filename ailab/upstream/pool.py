@@ -24,7 +24,7 @@ import psutil
 
 from ailab.config import ModelSource, Settings
 from ailab.errors import AilabError
-from ailab.upstream import binaries, budget, proxy
+from ailab.upstream import binaries, budget, proxy, relay
 from ailab.upstream.gguf_header import GGUFHeaderError, read_shape
 from ailab.upstream.supervisor import (
     LlamaServerManager,
@@ -86,6 +86,7 @@ class Instance:
     source: ModelSource
     manager: LlamaServerManager
     http: httpx.AsyncClient
+    relay: relay.Upstream  # the /v1 pass-through's connections (the gateway's own calls use http)
     pinned: bool
     ttl_s: float
     estimate_mb: float | None = None
@@ -188,6 +189,7 @@ class ModelPool:
         for instance in list(self.instances.values()):
             await instance.manager.close()
             await instance.http.aclose()
+            instance.relay.close_idle()
 
     @property
     def max_models(self) -> int:
@@ -221,12 +223,15 @@ class ModelPool:
         )
         manager.gpu_devices = self.gpu_devices
         manager.on_state = self._notify
+        upstream = relay.Upstream(self.settings.llama_host, manager.port, self._api_key)
+        manager.drop_idle.append(upstream.close_idle)
         instance = Instance(
             key=source.key,
             purpose=purpose,
             source=started_source,
             manager=manager,
             http=http,
+            relay=upstream,
             pinned=source.pinned,
             ttl_s=source.ttl_s if source.ttl_s is not None else self.settings.model_ttl_s,
         )
