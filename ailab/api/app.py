@@ -70,11 +70,9 @@ SHUTDOWN_GRACE_S = 5
 def create_app(settings: Settings, binary: Path) -> FastAPI:
     gateway = Gateway(settings, binary)
 
-    access_log, access_writer = None, None
+    access_log = None
     if settings.metrics:
-        access_log, access_writer = metrics.access_logger(
-            settings.log_dir, settings.access_log_console
-        )
+        access_log = metrics.AccessLog(settings.log_dir, settings.access_log_console)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -83,8 +81,8 @@ def create_app(settings: Settings, binary: Path) -> FastAPI:
             yield
         finally:
             await gateway.close()
-            if access_writer is not None:
-                access_writer.stop()
+            if access_log is not None:
+                access_log.stop()
 
     app = FastAPI(title="AI Lab", version="0.1.0", lifespan=lifespan)
     app.state.gateway = gateway
