@@ -197,6 +197,7 @@ class Gateway:
                 lambda: self.tool_policy,
                 self.mcp,
                 self.metrics,
+                streams=instance.relay,
             )
             self._engines[instance.id] = engine
         return engine

@@ -7,6 +7,7 @@ case is retried: nothing was answered, so nothing can be duplicated.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -71,10 +72,15 @@ async def stream(
 
 def error_message(response: httpx.Response) -> str:
     """llama-server's own error text, which usually says what was wrong."""
+    return error_text(response.status_code, response.content)
+
+
+def error_text(status: int, content: bytes) -> str:
+    """The message in an error body (OpenAI's shape, or a plain string), else its text."""
     try:
-        body: Any = response.json()
+        body: Any = json.loads(content)
     except ValueError:
-        return response.text[:500] or f"HTTP {response.status_code}"
+        return content.decode(errors="replace")[:500] or f"HTTP {status}"
     if isinstance(body, dict):
         error = body.get("error")
         if isinstance(error, dict) and error.get("message"):
