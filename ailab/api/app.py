@@ -93,12 +93,13 @@ def create_app(settings: Settings, binary: Path) -> FastAPI:
             metrics.MetricsMiddleware, metrics=gateway.metrics, access_log=access_log
         )
     _install_error_handlers(app)
+    # First: routes are matched in order, and these carry the most requests.
+    llama_routes.add_routes(app, gateway)
     _add_status_routes(app, gateway)
     _add_chat_routes(app, gateway)
     app.include_router(conversation_meta.router)  # before /conversations/{id}
     _add_conversation_routes(app, gateway)
     app.include_router(web.router)
-    llama_routes.add_routes(app, gateway)
     mcp_server.mount(app, gateway)
     return app
 
