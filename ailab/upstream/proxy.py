@@ -8,8 +8,6 @@ case is retried: nothing was answered, so nothing can be duplicated.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -51,23 +49,6 @@ async def send(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Respo
         if not _is_stale_connection(exc):
             raise
     return await client.send(request)
-
-
-@asynccontextmanager
-async def stream(
-    client: httpx.AsyncClient, request: httpx.Request
-) -> AsyncIterator[httpx.Response]:
-    """Open a streamed response, with the same stale-connection retry before any byte."""
-    try:
-        response = await client.send(request, stream=True)
-    except httpx.HTTPError as exc:
-        if not _is_stale_connection(exc):
-            raise
-        response = await client.send(request, stream=True)
-    try:
-        yield response
-    finally:
-        await response.aclose()
 
 
 def error_message(response: httpx.Response) -> str:
