@@ -179,7 +179,8 @@ async def _forward(
         await resources.aclose()
         raise
     await resources.aclose()
-    return Response(content, status_code=exchange.status, media_type=exchange.content_type)
+    media_type = exchange.content_type or "application/json"
+    return Response(content, status_code=exchange.status, media_type=media_type)
 
 
 class _ProxiedStream(Response):
@@ -200,10 +201,8 @@ class _ProxiedStream(Response):
         async with self._resources:
             watcher = asyncio.create_task(self._close_on_disconnect(receive))
             try:
-                await send(
-                    {"type": "http.response.start", "status": self.status_code,
-                     "headers": self.raw_headers}
-                )  # fmt: skip
+                start = {"status": self.status_code, "headers": self.raw_headers}
+                await send({"type": "http.response.start", **start})
                 chunks = self._exchange.chunks()
                 first = await anext(chunks, b"")
                 metrics.first_token(scope)
