@@ -773,7 +773,9 @@ def memory_rows(bench: Bench) -> None:
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
+    if value is None:
+        return "-"
+    return f"{value:,.{digits if abs(value) >= 1 else max(digits, 3)}f}"  # CPU per token
 
 
 def print_table(rows: list[Row], title: str) -> None:
