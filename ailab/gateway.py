@@ -55,6 +55,8 @@ from ailab.upstream.supervisor import (
 
 log = logging.getLogger("ailab.gateway")
 
+SOURCE_FRESH_S = 1.0  # how long a model's resolved source is reused (see source_for)
+
 
 class ModelNotFound(NotFound):
     """No model is registered or discovered under this key."""
@@ -97,6 +99,7 @@ class Gateway:
         self.tools_enabled = True
         self._engines: dict[tuple[str, str | None], ChatEngine] = {}
         self._adapter_bases: dict[str, str] = {}  # LoRA adapter key -> the base serving it
+        self._sources: dict[str, tuple[float, ModelSource]] = {}  # key -> (found at, source)
         self.finetune = FinetuneService(settings)
         self._switch_lock = asyncio.Lock()
         self._first_load: asyncio.Task[None] | None = None
@@ -163,8 +166,19 @@ class Gateway:
             raise ModelNotFound(f"unknown model {key!r}; known models: {known}") from None
 
     async def source_for(self, key: str | None) -> ModelSource:
-        """The named model's source (the default for None); ModelNotFound lists the keys."""
-        return await asyncio.to_thread(self.model_source, key or self.default_model)
+        """The named model's source (the default for None); ModelNotFound lists the keys.
+        Reading the registry (models/custom/, AILAB_EXTRA_MODELS) costs a thread hop and
+        disk reads, too much for every request: a source found is reused for
+        SOURCE_FRESH_S, so a change on disk shows within that; an unknown key is always
+        looked up again."""
+        key = key or self.default_model
+        now = time.monotonic()
+        found = self._sources.get(key)
+        if found is not None and now - found[0] < SOURCE_FRESH_S:
+            return found[1]
+        source = await asyncio.to_thread(self.model_source, key)
+        self._sources[key] = (now, source)
+        return source
 
     @property
     def starting(self) -> bool:
@@ -200,6 +214,7 @@ class Gateway:
                 self.metrics,
                 lambda: _request_fields(instance, adapter),
                 self.kv.for_instance(instance),
+                streams=instance.relay,
             )
             self._engines[(instance.id, adapter)] = engine
         return engine

@@ -12,6 +12,7 @@ import json
 import logging
 import logging.handlers
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -129,9 +130,9 @@ def _route_of(scope: Scope) -> str:
 
 
 class MetricsMiddleware:
-    """Counts and times every request, and writes its access-log line when it ends."""
+    """Counts and times every request, and queues its access-log line when it ends."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: logging.Logger) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: AccessLog) -> None:
         self.app = app
         self.metrics = metrics
         self.access_log = access_log
@@ -167,16 +168,14 @@ class MetricsMiddleware:
             self.metrics.rejections.labels("overloaded").inc()
         elif status == 503:
             self.metrics.rejections.labels("unavailable").inc()
-        self.access_log.info(
-            json.dumps(_access_line(scope, route, status, started, ended, facts), default=str)
-        )
+        self.access_log.write(_access_line(scope, route, status, started, ended, facts))
 
 
 def _access_line(
     scope: Scope, route: str, status: int, started: float, ended: float, facts: dict[str, Any]
 ) -> dict[str, Any]:
     line: dict[str, Any] = {
-        "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        "time": time.time(),  # formatted by the access log's thread
         "method": scope.get("method"),
         "route": route,
         "status": status,
@@ -190,26 +189,49 @@ def _access_line(
     return line
 
 
-def access_logger(log_dir: Path, to_console: bool) -> tuple[logging.Logger, Any]:
-    """The access log: JSON lines into a rotating file (and the console if asked), written
-    by a thread of its own so that no request waits for the disk. Returns the logger and
-    the listener to stop at shutdown."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    handlers: list[logging.Handler] = [
-        logging.handlers.RotatingFileHandler(
-            log_dir / "access.log", maxBytes=ACCESS_LOG_BYTES, backupCount=ACCESS_LOG_BACKUPS
-        )
-    ]
-    if to_console:
-        handlers.append(logging.StreamHandler())
-    lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(lines, *handlers)
-    listener.start()
-    logger = logging.getLogger("ailab.access")
-    logger.handlers = [logging.handlers.QueueHandler(lines)]
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    return logger, listener
+class AccessLog:
+    """The access log: JSON lines into a rotating file (and the console if asked). A
+    request only queues its line; a thread of its own formats and writes it, so no
+    request waits for the disk or pays for the logging machinery."""
+
+    def __init__(self, log_dir: Path, to_console: bool) -> None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self._handlers: list[logging.Handler] = [
+            logging.handlers.RotatingFileHandler(
+                log_dir / "access.log", maxBytes=ACCESS_LOG_BYTES, backupCount=ACCESS_LOG_BACKUPS
+            )
+        ]
+        if to_console:
+            self._handlers.append(logging.StreamHandler())
+        self._lines: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(target=self._write_lines, name="access-log", daemon=True)
+        self._writer.start()
+
+    def write(self, line: dict[str, Any]) -> None:
+        self._lines.put(line)
+
+    def stop(self) -> None:
+        """Write what is queued, then close the files."""
+        self._lines.put(None)
+        self._writer.join()
+        for handler in self._handlers:
+            handler.close()
+
+    def _write_lines(self) -> None:
+        while (line := self._lines.get()) is not None:
+            line["time"] = datetime.fromtimestamp(line["time"], UTC).isoformat(
+                timespec="milliseconds"
+            )
+            record = logging.makeLogRecord(
+                {
+                    "name": "ailab.access",
+                    "levelno": logging.INFO,
+                    "levelname": "INFO",
+                    "msg": json.dumps(line, default=str),
+                }
+            )
+            for handler in self._handlers:
+                handler.handle(record)
 
 
 def llama_metrics_text(texts: dict[str, str]) -> str:

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import math
+import time
 
 import anthropic
 import openai
 import pytest
 import requests
-from conftest import GatewayProcess
+from conftest import GatewayProcess, llama_server_busy
 
 SMOL, GEMMA = "smollm2-135m", "gemma3-270m"
 
@@ -168,3 +169,31 @@ def test_rerank_on_a_model_not_registered_as_a_reranker_is_400_saying_why(
     )
     assert reply.status_code == 400
     assert "not registered as a reranker" in reply.json()["error"]["message"]
+
+
+def test_a_client_hanging_up_mid_stream_stops_the_generation_and_frees_the_model(
+    gateway: GatewayProcess,
+) -> None:
+    body = {
+        "model": SMOL,
+        "messages": [{"role": "user", "content": "Write a long story about the sea."}],
+        "max_tokens": 3000,  # minutes of work: only a hang-up reaching llama-server ends it soon
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with requests.Session() as session:
+        reply = session.post(
+            f"{gateway.url}/v1/chat/completions", json=body, stream=True, timeout=60
+        )
+        assert reply.status_code == 200
+        assert next(reply.iter_lines(), b"").startswith(b"data:")  # generating
+        assert llama_server_busy(gateway)
+    deadline = time.monotonic() + 60
+    while llama_server_busy(gateway) or _in_flight(gateway, SMOL):
+        assert time.monotonic() < deadline, "the generation went on after the client hung up"
+        time.sleep(0.2)
+
+
+def _in_flight(gateway: GatewayProcess, model: str) -> int:
+    models = requests.get(f"{gateway.url}/v1/models", timeout=10).json()["data"]
+    return next(m["in_flight"] for m in models if m["id"] == model)

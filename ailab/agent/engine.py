@@ -27,7 +27,7 @@ from ailab.agent.turn import Event, TurnRecord
 from ailab.errors import NotFound
 from ailab.metrics import Metrics
 from ailab.storage import AsyncStore, AuditRecord, AuditUpdate, PendingApproval
-from ailab.upstream import proxy
+from ailab.upstream import proxy, relay
 
 FORCED_CALL_TOKENS = 256
 
@@ -149,8 +149,11 @@ class ChatEngine:
         metrics: Metrics | None = None,
         request_fields: Callable[[], dict[str, Any]] = dict,
         slot_cache: SlotCache | None = None,
+        *,
+        streams: relay.Upstream,
     ) -> None:
         self.http = http
+        self.relay = streams
         # Added to every request when it is sent: a remote upstream's model name, or a LoRA
         # base's adapter scales.
         self.request_fields = request_fields
@@ -318,21 +321,19 @@ class ChatEngine:
         self, payload: dict[str, Any], body: dict[str, Any], content: list[str]
     ) -> AsyncIterator[Event]:
         """Stream one completion, yielding content deltas and filling ``body`` like a
-        non-streamed response (message, finish_reason, usage, timings)."""
-        request = self.http.build_request(
-            "POST", f"{self.llama_url}/v1/chat/completions", json=payload
-        )
+        non-streamed response (message, finish_reason, usage, timings). The stream comes
+        through the instance's relay client: its bytes cost no parsing beyond the JSON."""
         calls: dict[int, dict[str, Any]] = {}
         finish: str | None = None
         try:
-            async with proxy.stream(self.http, request) as response:
-                if response.status_code >= 400:
-                    await response.aread()
+            exchange = await self.relay.post("/v1/chat/completions", json.dumps(payload).encode())
+            try:
+                if exchange.status >= 400:
                     raise proxy.UpstreamError(
-                        f"llama-server: {proxy.error_message(response)}",
-                        response.status_code if response.status_code < 500 else 502,
+                        f"llama-server: {proxy.error_text(exchange.status, await exchange.read())}",
+                        exchange.status if exchange.status < 500 else 502,
                     )
-                async for chunk in _sse_json(response):
+                async for chunk in _sse_json(exchange.chunks()):
                     for key in ("usage", "timings"):
                         if chunk.get(key):
                             body[key] = chunk[key]
@@ -343,7 +344,9 @@ class ChatEngine:
                             yield "delta", {"content": delta["content"]}
                         _merge_tool_call_deltas(calls, delta.get("tool_calls") or [])
                         finish = choice.get("finish_reason") or finish
-        except httpx.HTTPError as exc:
+            finally:
+                exchange.release()
+        except relay.RelayError as exc:
             raise proxy.UpstreamError(f"llama-server stream failed: {exc}", 502) from exc
         message: Message = {"role": "assistant", "content": "".join(content) or None}
         if calls:
@@ -664,18 +667,23 @@ def _approval_label(approval: bool | None, needed: bool, policy: str) -> str:
     return "auto" if policy == "auto" else "policy_denied"
 
 
-async def _sse_json(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-    async for line in response.aiter_lines():
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        try:
-            chunk = json.loads(data)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(chunk, dict) and chunk.get("error"):
-            raise proxy.UpstreamError(f"llama-server: {chunk['error']}", 502)
-        if isinstance(chunk, dict):
-            yield chunk
+async def _sse_json(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects of an SSE stream's `data:` lines; a line may span chunks. Read to
+    the end (past `[DONE]`), so the connection can be kept alive."""
+    pending = b""
+    async for chunk in chunks:
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                continue
+            try:
+                parsed = json.loads(data)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(parsed, dict) and parsed.get("error"):
+                raise proxy.UpstreamError(f"llama-server: {parsed['error']}", 502)
+            if isinstance(parsed, dict):
+                yield parsed

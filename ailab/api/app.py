@@ -71,11 +71,9 @@ SHUTDOWN_GRACE_S = 5
 def create_app(settings: Settings, binary: Path) -> FastAPI:
     gateway = Gateway(settings, binary)
 
-    access_log, access_writer = None, None
+    access_log = None
     if settings.metrics:
-        access_log, access_writer = metrics.access_logger(
-            settings.log_dir, settings.access_log_console
-        )
+        access_log = metrics.AccessLog(settings.log_dir, settings.access_log_console)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -84,8 +82,8 @@ def create_app(settings: Settings, binary: Path) -> FastAPI:
             yield
         finally:
             await gateway.close()
-            if access_writer is not None:
-                access_writer.stop()
+            if access_log is not None:
+                access_log.stop()
 
     app = FastAPI(title="AI Lab", version="0.1.0", lifespan=lifespan)
     app.state.gateway = gateway
@@ -96,12 +94,13 @@ def create_app(settings: Settings, binary: Path) -> FastAPI:
             metrics.MetricsMiddleware, metrics=gateway.metrics, access_log=access_log
         )
     _install_error_handlers(app)
+    # First: routes are matched in order, and these carry the most requests.
+    llama_routes.add_routes(app, gateway)
     _add_status_routes(app, gateway)
     _add_chat_routes(app, gateway)
     app.include_router(conversation_meta.router)  # before /conversations/{id}
     _add_conversation_routes(app, gateway)
     app.include_router(web.router)
-    llama_routes.add_routes(app, gateway)
     mcp_server.mount(app, gateway)
     return app
 

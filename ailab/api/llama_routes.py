@@ -16,14 +16,14 @@ from typing import Any, Literal
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from ailab import metrics
 from ailab.errors import AilabError, BadRequest, described
 from ailab.gateway import Gateway
-from ailab.upstream import lora, proxy
+from ailab.upstream import lora, proxy, relay
 from ailab.upstream.pool import Purpose
 from ailab.upstream.supervisor import LlamaStartError
 
@@ -188,17 +188,12 @@ async def _forward(
             body = lora.with_scales(body, payload, instance, source.adapter)
         if gw.kv.waiting(instance, route.path):  # a saved KV cache to restore first
             body = await gw.kv.restore_for_client(instance, payload, body)
-        upstream = instance.http.build_request(
-            "POST",
-            f"{instance.manager.base_url}{route.path}",
-            content=body,
-            headers={"content-type": "application/json"},
-        )
+        exchange = await instance.relay.post(route.path, body)
+        resources.callback(exchange.release)
         if payload.get("stream"):
-            response = await resources.enter_async_context(proxy.stream(instance.http, upstream))
-            return _ProxiedStream(response, resources)
-        response = await proxy.send(instance.http, upstream)
-    except httpx.HTTPError as exc:
+            return _ProxiedStream(exchange, resources)
+        content = await exchange.read()
+    except relay.RelayError as exc:
         await resources.aclose()
         message = f"{source.key}: {source.url or 'llama-server'} is not reachable: {exc}"
         raise proxy.UpstreamError(message, 503) from exc
@@ -206,11 +201,8 @@ async def _forward(
         await resources.aclose()
         raise
     await resources.aclose()
-    return Response(
-        response.content,
-        status_code=response.status_code,
-        media_type=response.headers.get("content-type", "application/json"),
-    )
+    media_type = exchange.content_type or "application/json"
+    return Response(content, status_code=exchange.status, media_type=media_type)
 
 
 def _naming(model: str, payload: dict[str, Any], body: bytes) -> bytes:
@@ -220,27 +212,37 @@ def _naming(model: str, payload: dict[str, Any], body: bytes) -> bytes:
     return json.dumps({**payload, "model": model}).encode()
 
 
-class _ProxiedStream(StreamingResponse):
-    """llama-server's SSE bytes, passed through as they arrive. The instance and the
-    upstream stream are released when the response ends, however it ends."""
+class _ProxiedStream(Response):
+    """llama-server's SSE bytes handed straight to the ASGI server as they arrive (chunks
+    that arrived together go as one). The instance and the upstream connection are
+    released when the response ends, however it ends; a client that hangs up closes the
+    upstream connection, which stops the generation."""
 
-    def __init__(self, upstream_response: httpx.Response, resources: contextlib.AsyncExitStack):
-        super().__init__(
-            upstream_response.aiter_raw(),
-            status_code=upstream_response.status_code,
-            media_type=upstream_response.headers.get("content-type", "text/event-stream"),
-        )
+    def __init__(self, exchange: relay.Exchange, resources: contextlib.AsyncExitStack) -> None:
+        self._exchange = exchange
         self._resources = resources
+        self.background = None  # FastAPI looks for it
+        self.status_code = exchange.status
+        media_type = exchange.content_type or "text/event-stream"
+        self.raw_headers = [(b"content-type", media_type.encode("latin-1"))]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        marked = False
-
-        async def send_marking_the_first_token(message: Message) -> None:
-            nonlocal marked
-            if not marked and message["type"] == "http.response.body":
-                marked = True
-                metrics.first_token(scope)
-            await send(message)
-
         async with self._resources:
-            await super().__call__(scope, receive, send_marking_the_first_token)
+            watcher = asyncio.create_task(self._close_on_disconnect(receive))
+            try:
+                start = {"status": self.status_code, "headers": self.raw_headers}
+                await send({"type": "http.response.start", **start})
+                chunks = self._exchange.chunks()
+                first = await anext(chunks, b"")
+                metrics.first_token(scope)
+                await send({"type": "http.response.body", "body": first, "more_body": True})
+                async for chunk in chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+            finally:
+                watcher.cancel()
+
+    async def _close_on_disconnect(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._exchange.abort()

@@ -25,7 +25,7 @@ import psutil
 from ailab.config import ModelSource, Settings
 from ailab.errors import AilabError
 from ailab.gguf_meta import GgufError
-from ailab.upstream import binaries, budget, proxy, rpc
+from ailab.upstream import binaries, budget, proxy, relay, rpc
 from ailab.upstream.gguf_header import read_shape
 from ailab.upstream.remote import RemoteUpstream
 from ailab.upstream.supervisor import (
@@ -88,6 +88,7 @@ class Instance:
     source: ModelSource
     manager: LlamaServerManager | RemoteUpstream
     http: httpx.AsyncClient
+    relay: relay.Upstream  # the /v1 pass-through's connections (the gateway's own calls use http)
     pinned: bool
     ttl_s: float
     estimate_mb: float | None = None
@@ -204,6 +205,7 @@ class ModelPool:
             await self._before_stop(instance)
             await instance.manager.close()
             await instance.http.aclose()
+            instance.relay.close_idle()
         await self._rpc_prober.close()
 
     @property
@@ -249,12 +251,15 @@ class ModelPool:
         )
         manager.gpu_devices = self.gpu_devices
         manager.on_state = self._notify
+        upstream = relay.Upstream(self.settings.llama_host, manager.port, self._api_key)
+        manager.drop_idle.append(upstream.close_idle)
         instance = Instance(
             key=source.key,
             purpose=purpose,
             source=started_source,
             manager=manager,
             http=http,
+            relay=upstream,
             pinned=source.pinned,
             ttl_s=source.ttl_s if source.ttl_s is not None else self.settings.model_ttl_s,
         )
@@ -270,6 +275,7 @@ class ModelPool:
             source=source,
             manager=manager,
             http=manager.http,
+            relay=manager.relay,
             pinned=source.pinned,
             ttl_s=0.0,
         )

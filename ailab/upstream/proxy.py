@@ -7,8 +7,8 @@ case is retried: nothing was answered, so nothing can be duplicated.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+import json
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -60,29 +60,17 @@ async def send(client: httpx.AsyncClient, request: httpx.Request) -> httpx.Respo
     return await client.send(request)
 
 
-@asynccontextmanager
-async def stream(
-    client: httpx.AsyncClient, request: httpx.Request
-) -> AsyncIterator[httpx.Response]:
-    """Open a streamed response, with the same stale-connection retry before any byte."""
-    try:
-        response = await client.send(request, stream=True)
-    except httpx.HTTPError as exc:
-        if not _is_stale_connection(exc):
-            raise
-        response = await client.send(request, stream=True)
-    try:
-        yield response
-    finally:
-        await response.aclose()
-
-
 def error_message(response: httpx.Response) -> str:
     """llama-server's own error text, which usually says what was wrong."""
+    return error_text(response.status_code, response.content)
+
+
+def error_text(status: int, content: bytes) -> str:
+    """The message in an error body (OpenAI's shape, or a plain string), else its text."""
     try:
-        body: Any = response.json()
+        body: Any = json.loads(content)
     except ValueError:
-        return response.text[:500] or f"HTTP {response.status_code}"
+        return content.decode(errors="replace")[:500] or f"HTTP {status}"
     if isinstance(body, dict):
         error = body.get("error")
         if isinstance(error, dict) and error.get("message"):

@@ -21,7 +21,7 @@ import httpx
 
 from ailab.config import ModelSource
 from ailab.errors import Unavailable
-from ailab.upstream import proxy
+from ailab.upstream import proxy, relay
 from ailab.upstream.supervisor import HEALTH_STATUS, LlamaStartError, ManagerState
 
 log = logging.getLogger("ailab.remote")
@@ -73,6 +73,7 @@ class RemoteUpstream:
         # interval, so the requests after it get the reason without trying.
         self._unreachable = asyncio.Event()
         self.http, _ = proxy.make_client(key, lambda inner: _Noticing(inner, self._unreachable))
+        self.relay = relay.Upstream.for_url(source.url, key, self._unreachable.set)
         # Health checks get a client of their own, so they never queue behind generations.
         auth = {"Authorization": f"Bearer {key}"} if key else None
         self._checks = httpx.AsyncClient(timeout=HEALTH_TIMEOUT_S, headers=auth, trust_env=False)

@@ -164,6 +164,8 @@ class LlamaServerManager:
         self.binary = binary
         self.http = http
         self.transport = transport
+        # Other clients' idle connections to drop at a stop (the pool's pass-through relay).
+        self.drop_idle: list[Callable[[], None]] = []
         self.state = ManagerState.STOPPED
         self.model: ModelSource | None = None
         self.n_gpu_layers = settings.n_gpu_layers
@@ -470,6 +472,8 @@ class LlamaServerManager:
             # llama-server lingers ~150 ms on SIGTERM while a kept-alive connection is
             # open; nothing is in flight here (switches hold the gate): drop the idle ones.
             await self.transport.aclose()
+            for drop in self.drop_idle:
+                drop()
             await self._terminate(process)
         self._process = None
         self._set_state(ManagerState.STOPPED)
