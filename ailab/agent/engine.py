@@ -346,8 +346,11 @@ class ChatEngine:
                         finish = choice.get("finish_reason") or finish
             finally:
                 exchange.release()
+        except relay.Unreachable as exc:
+            raise proxy.UpstreamError(f"{self.llama_url} is not reachable: {exc}", 503) from exc
         except relay.RelayError as exc:
-            raise proxy.UpstreamError(f"llama-server stream failed: {exc}", 502) from exc
+            message = f"the stream from {self.llama_url} failed: {exc}"
+            raise proxy.UpstreamError(message, 502) from exc
         message: Message = {"role": "assistant", "content": "".join(content) or None}
         if calls:
             message["tool_calls"] = [calls[index] for index in sorted(calls)]

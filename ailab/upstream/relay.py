@@ -27,6 +27,10 @@ class RelayError(ConnectionError):
     """llama-server could not be reached, or closed the connection before answering fully."""
 
 
+class Unreachable(RelayError):
+    """No connection could be made: nothing was sent."""
+
+
 class _StaleConnection(RelayError):
     """A kept-alive connection closed before any byte of the response: safe to retry."""
 
@@ -272,7 +276,7 @@ class Upstream:
         except (OSError, TimeoutError) as exc:
             if self._on_unreachable is not None:
                 self._on_unreachable()
-            raise RelayError(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+            raise Unreachable(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
         return connection
 
     def _release(self, connection: _Connection) -> None:
