@@ -6,6 +6,7 @@ their file is."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import requests
 from conftest import GEMMA, SMOLLM, GatewayProcess
 
 from ailab import config
+from ailab.gateway import SOURCE_FRESH_S
 from ailab.gguf_meta import read_info
 from tests.lora_fixture import build_lora
 
@@ -216,6 +218,7 @@ def test_adapters_come_and_go_with_their_files(make_gateway, tmp_path: Path) -> 
 
     adapter.unlink()
     assert "smol-lora" not in listed(url)
+    time.sleep(SOURCE_FRESH_S)  # requests reuse a model's resolved source that long
     response = complete(url, "smol-lora")
     assert response.status_code == 404
     assert "unknown model 'smol-lora'" in response.json()["error"]["message"]

@@ -16,7 +16,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,9 +95,12 @@ def wait_for_server(server: GatewayProcess, name: str, restarts: int = 0) -> dic
 
 @pytest.fixture(scope="module")
 def fs_root() -> Iterator[Path]:
-    """The filesystem server's root: a short absolute path, which the tiny model copies
-    right (it invents a home folder for a bare file name, and garbles pytest's long ones)."""
-    root = Path(tempfile.mkdtemp(dir="/tmp"))
+    """The filesystem server's root: a short, fixed absolute path, which the tiny model
+    copies right (it invents a home folder for a bare file name, garbles pytest's long
+    ones, and a random name changes its tokens, so its answer, from run to run)."""
+    root = Path("/tmp/ailab-mcp-root")
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
     yield root
     shutil.rmtree(root)
 
