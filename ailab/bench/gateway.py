@@ -903,33 +903,18 @@ def run_phases(bench: Bench, args: argparse.Namespace, log_dir: Path) -> None:
         ],
         "switch": [("model switch", lambda: phase_switch(bench, log_dir))],
         "pool": [("model pool", lambda: bench.pool_rows.extend(phase_pool(bench, log_dir)))],
+        "kv": [
+            (
+                "KV cache",
+                lambda: bench.kv_rows.extend(phase_kv_cache(bench, log_dir, args.quick)),
+            )
+        ],
         "lora": [("LoRA switch", lambda: bench.pool_rows.extend(phase_lora(bench, log_dir)))],
         "remote": [("remote upstream", lambda: phase_remote(bench, log_dir))],
         "rpc": [("RPC workers", lambda: bench.rpc_rows.extend(phase_rpc(bench, log_dir)))],
     }
     chosen = args.only or [group for group in PHASE_GROUPS if group not in args.skip]
     phases = [phase for group in PHASE_GROUPS if group in chosen for phase in groups[group]]
-    phases: list[tuple[str, Callable[[], None]]] = [
-        ("non-streamed latency", lambda: phase_non_streamed(bench)),
-        ("time to first token", lambda: phase_ttft(bench)),
-        ("streamed tokens/s", lambda: phase_stream_rate(bench)),
-        ("throughput", lambda: phase_throughput(bench)),
-        ("metrics on vs off", lambda: phase_metrics_cost(bench, log_dir)),
-    ]
-    if not args.no_switch:
-        phases.append(("model switch", lambda: phase_switch(bench, log_dir)))
-    pool_phase = ("model pool", lambda: bench.pool_rows.extend(phase_pool(bench, log_dir)))
-    kv_phase = (
-        "KV cache",
-        lambda: bench.kv_rows.extend(phase_kv_cache(bench, log_dir, args.quick)),
-    )
-    if args.pool_only:
-        phases = [pool_phase]
-    elif args.kv_only:
-        phases = [kv_phase]
-    else:
-        optional = ((pool_phase, args.no_pool), (kv_phase, args.no_kv))
-        phases += [phase for phase, skipped in optional if not skipped]
     for name, phase in phases:
         started = time.perf_counter()
         with console.status(f"measuring {name}..."):
