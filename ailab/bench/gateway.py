@@ -980,15 +980,14 @@ def main(argv: list[str] | None = None) -> int:
         bench.sample_rss()
         run_phases(bench, args, log_dir)
         bench.raw["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
-    print_table(bench.rows, f"AI Lab gateway vs bare llama-server ({args.model})")
+    from ailab.bench.kv_cache import print_kv_table
     from ailab.bench.pool import print_pool_table
 
+    print_table(bench.rows, f"AI Lab gateway vs bare llama-server ({args.model})")
     if bench.pool_rows:
         print_pool_table(bench.pool_rows)
     if bench.rpc_rows:
         print_pool_table(bench.rpc_rows, f"RPC workers ({args.model})")
-    from ailab.bench.kv_cache import print_kv_table
-
     if bench.kv_rows:
         print_kv_table(bench.kv_rows)
     path = write_json(bench, started_at, args.quick, args.out)
