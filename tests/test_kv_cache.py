@@ -15,8 +15,9 @@ import pytest
 import requests
 from conftest import GatewayProcess
 
-from ailab.config import ConfigError, load_settings
+from ailab.config import AdapterFile, ConfigError, ModelSource, get_model_source, load_settings
 from ailab.upstream.kv_cache import MB, Entry, KvCache
+from ailab.upstream.pool import ModelPool, Purpose
 
 pytestmark = pytest.mark.timeout(900)  # several gateways and a model swap each
 SMOL, GEMMA = "smollm2-135m", "gemma3-270m"
@@ -221,3 +222,27 @@ def test_zero_turns_saving_off_and_a_negative_budget_is_refused(tmp_path: Path) 
     assert KvCache(off).status()["enabled"] is False
     with pytest.raises(ConfigError, match="AILAB_KV_CACHE_MB"):
         load_settings({"AILAB_DATA_DIR": str(tmp_path), "AILAB_KV_CACHE_MB": "-1"})
+
+
+def test_only_local_generation_slots_without_adapters_are_pinned_and_kept(tmp_path: Path) -> None:
+    """A LoRA base's slot holds KV computed under some adapter's scales, a remote upstream's
+    cache lives on its own machine: neither is pinned, saved or restored."""
+    settings = load_settings({"AILAB_DATA_DIR": str(tmp_path)})
+    base = get_model_source(settings, SMOL)
+    adapter = AdapterFile(key="smol-lora", path=tmp_path / "smol-lora.gguf", stamp=(1, 1))
+    with_adapter = base.model_copy(update={"key": "smol-with-lora", "adapters": (adapter,)})
+    remote = ModelSource(kind="remote", key="far", name="far", url="http://127.0.0.1:9")
+
+    async def fields_for(source: ModelSource, purpose: Purpose) -> dict[str, Any]:
+        pool = ModelPool(settings, Path("/bin/true"), "key")
+        cache = KvCache(settings)
+        try:
+            async with cache.hold(pool.instance(source, purpose), "c1", {}) as fields:
+                return fields
+        finally:
+            await pool.close()
+
+    assert asyncio.run(fields_for(base, "generate")) == {"id_slot": 0}
+    assert asyncio.run(fields_for(with_adapter, "generate")) == {}
+    assert asyncio.run(fields_for(remote, "generate")) == {}
+    assert asyncio.run(fields_for(base, "embed")) == {}
