@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The build script prints the cached binary's path (building it once if needed).
 LLAMA := $${LLAMA_SERVER_PATH:-$$($(PY) scripts/build_llama_server.py)}
 
-.PHONY: setup run test fuzz lint format bench models llama-server mcp-servers clean-data browser vendor-web
+.PHONY: setup run test fuzz lint format bench models llama-server mcp-servers clean-data test-tools vendor-web
 
 setup: $(VENV)/.installed models llama-server
 
@@ -31,17 +31,18 @@ $(MCP_SERVERS)/node_modules/.package-lock.json: $(MCP_SERVERS)/package.json $(MC
 run: setup
 	LLAMA_SERVER_PATH="$(LLAMA)" $(PY) ai_server.py
 
-# The browser tests drive Debian's chromium. As root (CI) it is installed when missing;
-# anyone else is told how, and `make run` never needs it.
-browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+# What the tests run besides Python: Debian's chromium (the web page's tests) and the
+# openssl CLI (a self-signed certificate for the relay's https test). As root (CI) they
+# are installed when missing; anyone else is told how, and `make run` never needs them.
+test-tools:
+	@command -v chromium >/dev/null 2>&1 && command -v openssl >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium openssl; \
 	  else \
-	    echo "make: the browser tests need chromium: sudo apt-get install chromium" >&2; \
+	    echo "make: the tests need chromium and openssl: sudo apt-get install chromium openssl" >&2; \
 	  fi; }
 
-test: setup browser mcp-servers
+test: setup test-tools mcp-servers
 	LLAMA_SERVER_PATH="$(LLAMA)" $(PY) -m pytest -q
 
 # The API fuzzed from its OpenAPI schema against a real gateway (also part of `make test`).
