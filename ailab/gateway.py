@@ -212,7 +212,7 @@ class Gateway:
                 lambda: self.tool_policy,
                 self.mcp,
                 self.metrics,
-                lambda: _request_fields(instance, adapter),
+                lambda: request_fields(instance, adapter),
                 self.kv.for_instance(instance),
                 streams=instance.relay,
             )
@@ -665,9 +665,9 @@ class Gateway:
         }
 
 
-def _request_fields(instance: Instance, adapter: str | None) -> dict[str, Any]:
-    """What every request of a conversation's engine adds: a remote upstream's name for
-    the model, or a LoRA base's adapter scales."""
+def request_fields(instance: Instance, adapter: str | None) -> dict[str, Any]:
+    """What every request to an instance adds (a conversation's engine, the /v1 routes): a
+    remote upstream's name for the model, or a LoRA base's adapter scales."""
     if instance.remote:
         return {"model": instance.source.remote_name}
     return lora.request_fields(instance, adapter)

@@ -22,8 +22,8 @@ from starlette.types import Receive, Scope, Send
 
 from ailab import metrics
 from ailab.errors import AilabError, BadRequest, described
-from ailab.gateway import Gateway
-from ailab.upstream import lora, proxy, relay
+from ailab.gateway import Gateway, request_fields
+from ailab.upstream import proxy, relay
 from ailab.upstream.pool import Purpose
 from ailab.upstream.supervisor import LlamaStartError
 
@@ -182,10 +182,7 @@ async def _forward(
     resources = contextlib.AsyncExitStack()
     try:
         instance = await resources.enter_async_context(gw.generation(source, route.purpose))
-        if instance.remote:
-            body = _naming(source.remote_name, payload, body)
-        elif route.purpose == "generate":
-            body = lora.with_scales(body, payload, instance, source.adapter)
+        body = _with_fields(payload, body, request_fields(instance, source.adapter))
         if gw.kv.waiting(instance, route.path):  # a saved KV cache to restore first
             body = await gw.kv.restore_for_client(instance, payload, body)
         exchange = await instance.relay.post(route.path, body)
@@ -205,11 +202,12 @@ async def _forward(
     return Response(content, status_code=exchange.status, media_type=media_type)
 
 
-def _naming(model: str, payload: dict[str, Any], body: bytes) -> bytes:
-    """The body with the model named as a remote upstream knows it."""
-    if payload.get("model") == model:
+def _with_fields(payload: dict[str, Any], body: bytes, fields: dict[str, Any]) -> bytes:
+    """The body as it came, unless the fields its instance needs change it (a client's own
+    values of them are replaced)."""
+    if all(payload.get(name) == value for name, value in fields.items()):
         return body
-    return json.dumps({**payload, "model": model}).encode()
+    return json.dumps({**payload, **fields}).encode()
 
 
 class _ProxiedStream(Response):

@@ -12,7 +12,6 @@ until the base restarts.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -42,15 +41,6 @@ def request_fields(instance: Instance, adapter: str | None) -> dict[str, Any]:
         return {}
     scales = [{"id": n, "scale": float(f.key == adapter)} for n, f in enumerate(started)]
     return {"lora": scales}
-
-
-def with_scales(
-    body: bytes, payload: dict[str, Any], instance: Instance, adapter: str | None
-) -> bytes:
-    """A proxied body with the adapter scales set (a client's own `lora` is replaced);
-    the bytes as they came when the base has no adapters."""
-    fields = request_fields(instance, adapter)
-    return json.dumps({**payload, **fields}).encode() if fields else body
 
 
 async def prepare(pool: ModelPool, source: ModelSource) -> None:
