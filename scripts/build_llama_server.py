@@ -2,8 +2,9 @@
 
 One cmake build directory compiles the library once and links every program the
 product runs: llama-server, llama-quantize and llama-finetune (fine-tuning), and
-ggml-rpc-server (RPC workers). They are cached outside the repository, keyed by
-source version and build flags, so later runs find them in milliseconds. Prints
+ggml-rpc-server (RPC workers). The fixes in scripts/llama_patches/ are applied to the
+source first. The programs are cached outside the repository, keyed by source version,
+build flags and patches, so later runs find them in milliseconds. Prints
 llama-server's path on the last line of stdout. `LLAMA_SERVER_PATH` or a
 `llama-server` on PATH skips the build.
 """
@@ -26,6 +27,7 @@ from ailab.upstream import binaries
 SDIST_NAME = "llama-cpp-python"
 SDIST_VERSION = binaries.SDIST_VERSION
 TARGETS = binaries.PROGRAMS
+PATCHES = sorted((Path(__file__).parent / "llama_patches").glob("*.patch"))
 
 
 def log(message: str) -> None:
@@ -63,7 +65,17 @@ def cmake_flags(cuda: bool) -> list[str]:
 
 
 def cache_dir_for(settings: config.Settings, flags: list[str]) -> Path:
-    return binaries.build_dir(settings, hashlib.sha256(" ".join(flags).encode()).hexdigest()[:12])
+    digest = hashlib.sha256(" ".join(flags).encode())
+    for patch in PATCHES:  # a changed fix is a different build
+        digest.update(patch.read_bytes())
+    return binaries.build_dir(settings, digest.hexdigest()[:12])
+
+
+def apply_patches(source: Path) -> None:
+    """llama.cpp fixes AI Lab carries until a release has them; each says why at its top."""
+    for patch in PATCHES:
+        log(f"applying {patch.name}")
+        subprocess.run(["git", "apply", "-p1", str(patch)], cwd=source, check=True)
 
 
 def fetch_source(settings: config.Settings, workdir: Path) -> Path:
@@ -122,6 +134,7 @@ def ensure_llama_server(settings: config.Settings, cuda: bool) -> Path:
         return binary
     with tempfile.TemporaryDirectory(prefix="ailab-llama-build-") as tmp:
         source = fetch_source(settings, Path(tmp))
+        apply_patches(source)
         built = build(source, Path(tmp) / "build", flags)
         staging = target.with_suffix(".partial")
         shutil.rmtree(staging, ignore_errors=True)

@@ -77,6 +77,47 @@ def test_anthropic_sdk_messages_stream_and_count_tokens(
     assert counted.input_tokens > 3
 
 
+# Greedy SmolLM2 answers this with an emoji whose first token ends inside the character, so
+# llama-server sends no chunk for it; the stream must still open with its first event
+# (scripts/llama_patches/0001-stream-opening-event-after-a-split-character.patch).
+SPLIT_FIRST_CHARACTER = "Send me a star emoji."
+
+
+def test_anthropic_stream_opens_with_message_start_when_the_first_token_splits_a_character(
+    claude: anthropic.Anthropic,
+) -> None:
+    messages = [{"role": "user", "content": SPLIT_FIRST_CHARACTER}]
+    with claude.messages.stream(
+        model=SMOL,
+        max_tokens=5,
+        messages=messages,  # type: ignore[arg-type]
+        extra_body={"temperature": 0},
+    ) as stream:
+        events = [event.type for event in stream]
+        final = stream.get_final_message()
+    text = "".join(block.text for block in final.content if block.type == "text")
+    assert not text[0].isascii()  # the case in question: a multi-byte first character
+    assert events[0] == "message_start" and events.count("message_start") == 1
+    assert final.usage.input_tokens > 0
+
+
+def test_responses_stream_is_created_once_when_the_first_token_splits_a_character(
+    oai: openai.OpenAI,
+) -> None:
+    stream = oai.responses.create(
+        model=SMOL,
+        input=SPLIT_FIRST_CHARACTER,
+        max_output_tokens=20,  # room for chunks after the first
+        temperature=0,
+        stream=True,
+    )
+    events = list(stream)
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert not text[0].isascii()
+    kinds = [event.type for event in events]
+    assert kinds[0] == "response.created" and kinds.count("response.created") == 1
+
+
 def test_anthropic_sdk_unknown_model_raises_not_found(claude: anthropic.Anthropic) -> None:
     with pytest.raises(anthropic.NotFoundError, match=SMOL):
         claude.messages.create(
