@@ -28,6 +28,9 @@ SDIST_NAME = "llama-cpp-python"
 SDIST_VERSION = binaries.SDIST_VERSION
 TARGETS = binaries.PROGRAMS
 PATCHES = sorted((Path(__file__).parent / "llama_patches").glob("*.patch"))
+AMX_PROBE = Path(__file__).parent / "amx_probe.c"
+# What a native build needs to leave llama.cpp's AMX kernels out (see amx_probe.c).
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 
 
 def log(message: str) -> None:
@@ -40,6 +43,23 @@ def gpu_present() -> bool:
         return False
     probe = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
     return probe.returncode == 0 and "GPU" in probe.stdout
+
+
+def native_amx_broken() -> bool:
+    """The compiler's native target has AMX, but this machine faults on it."""
+    defines = subprocess.run(
+        ["cc", "-march=native", "-dM", "-E", "-"],
+        input="", capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if "__AMX_INT8__" not in defines.stdout:
+        return False
+    with tempfile.TemporaryDirectory(prefix="ailab-amx-probe-") as tmp:
+        probe = Path(tmp) / "amx_probe"
+        subprocess.run(["cc", "-O2", "-march=native", str(AMX_PROBE), "-o", str(probe)], check=True)
+        works = subprocess.run([str(probe)], check=False).returncode == 0
+    if not works:
+        log("this CPU advertises AMX but faults on it (a virtual machine?): building without AMX")
+    return not works
 
 
 def cmake_flags(cuda: bool) -> list[str]:
@@ -59,6 +79,8 @@ def cmake_flags(cuda: bool) -> list[str]:
         # The RPC backend is dormant unless llama-server is started with --rpc.
         "-DGGML_RPC=ON",
     ]
+    if native_amx_broken():
+        flags += [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
     if cuda:
         flags.append("-DGGML_CUDA=ON")
     return flags
