@@ -8,6 +8,7 @@ reads it when the response ends. Nothing here touches message contents or keys.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import logging.handlers
@@ -30,6 +31,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 SPEED_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 ACCESS_LOG_BYTES = 10 * 1024 * 1024
 ACCESS_LOG_BACKUPS = 5
+ACCESS_LOG_BATCH_S = 0.25
 
 
 class Metrics:
@@ -192,7 +194,9 @@ def _access_line(
 class AccessLog:
     """The access log: JSON lines into a rotating file (and the console if asked). A
     request only queues its line; a thread of its own formats and writes it, so no
-    request waits for the disk or pays for the logging machinery."""
+    request waits for the disk or pays for the logging machinery. The thread writes what
+    gathered over ACCESS_LOG_BATCH_S at once: waking it for every request cost about
+    0.2 ms of CPU per request, taken from llama-server's cores."""
 
     def __init__(self, log_dir: Path, to_console: bool) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -218,20 +222,30 @@ class AccessLog:
             handler.close()
 
     def _write_lines(self) -> None:
-        while (line := self._lines.get()) is not None:
+        while True:
+            batch = [self._lines.get()]  # sleeps until a request ends
+            time.sleep(ACCESS_LOG_BATCH_S)  # the requests ending meanwhile join this batch
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    batch.append(self._lines.get_nowait())
+            lines = [line for line in batch if line is not None]
+            if lines:
+                self._emit(lines)
+            if len(lines) < len(batch):  # stop() was called
+                return
+
+    def _emit(self, lines: list[dict[str, Any]]) -> None:
+        for line in lines:
             line["time"] = datetime.fromtimestamp(line["time"], UTC).isoformat(
                 timespec="milliseconds"
             )
-            record = logging.makeLogRecord(
-                {
-                    "name": "ailab.access",
-                    "levelno": logging.INFO,
-                    "levelname": "INFO",
-                    "msg": json.dumps(line, default=str),
-                }
-            )
-            for handler in self._handlers:
-                handler.handle(record)
+        # One record for the batch: one write and one flush per handler.
+        text = "\n".join(json.dumps(line, default=str) for line in lines)
+        record = logging.makeLogRecord(
+            {"name": "ailab.access", "levelno": logging.INFO, "levelname": "INFO", "msg": text}
+        )
+        for handler in self._handlers:
+            handler.handle(record)
 
 
 def llama_metrics_text(texts: dict[str, str]) -> str:

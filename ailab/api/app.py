@@ -27,7 +27,7 @@ from starlette.types import Scope
 from ailab import exports, metrics, web
 from ailab.agent.engine import TurnStats
 from ailab.agent.turn import RunningTurn
-from ailab.api import conversation_meta, llama_routes, security
+from ailab.api import conversation_meta, llama_routes, security, serve
 from ailab.api.schemas import (
     ApprovalRequest,
     AuditResponse,
@@ -388,12 +388,14 @@ def main() -> None:
     except StorageError as exc:
         print(f"ai_server: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+    serve.run(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level="warning",
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        )
     )
 
 

@@ -521,7 +521,9 @@ class ModelPool:
             await manager.fail(f"{lost}; start the worker again")
 
     async def _measure(self, instance: Instance) -> None:
-        rss = await asyncio.to_thread(_rss_mb, instance.manager.pid)
+        # On the loop: /proc is memory the kernel fills in, never a wait for a disk, and a
+        # thread hop each second cost more CPU (taken from llama-server) than the read.
+        rss = _rss_mb(instance.manager.pid)
         instance.measured_mb = rss
         if rss is not None:
             instance.peak_mb = max(rss, instance.peak_mb or 0.0)

@@ -1,0 +1,51 @@
+"""uvicorn's server, waking once a second instead of ten times when there is nothing to do.
+
+uvicorn's main loop wakes every 0.1 s to refresh the Date header (once a second) and to
+notice a request to exit. On a small machine each wake costs about 0.15 ms of CPU (a timer
+and a context switch), taken from llama-server's cores while it generates: 1.5 ms a second,
+a sixth of what the gateway spent per streamed token. Here the loop waits a second between
+refreshes, and a signal to exit wakes it at once, so shutdown is as prompt as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from types import FrameType
+
+import uvicorn
+from uvicorn.config import STARTUP_FAILURE
+
+TICK_S = 1.0
+TICKS_PER_DATE = 10  # uvicorn's on_tick refreshes the Date header when counter % 10 == 0
+
+
+class Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._exit_requested: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def main_loop(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._exit_requested = asyncio.Event()
+        counter = 0
+        while not await self.on_tick(counter):
+            counter = (counter + TICKS_PER_DATE) % 864000
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exit_requested.wait(), TICK_S)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        if self._loop is not None and self._exit_requested is not None:
+            # A signal handler may interrupt the loop's own code: wake it the safe way.
+            self._loop.call_soon_threadsafe(self._exit_requested.set)
+
+
+def run(config: uvicorn.Config) -> None:
+    """What uvicorn.run does for one process: serve until told to stop."""
+    server = Server(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:
+        raise SystemExit(STARTUP_FAILURE)
