@@ -21,7 +21,6 @@ from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from ailab import metrics
-from ailab.api import pusher
 from ailab.errors import AilabError, BadRequest, described
 from ailab.gateway import Gateway, request_fields
 from ailab.upstream import proxy, relay
@@ -212,11 +211,10 @@ def _with_fields(payload: dict[str, Any], body: bytes, fields: dict[str, Any]) -
 
 
 class _ProxiedStream(Response):
-    """llama-server's SSE bytes handed to the ASGI server as they arrive (chunks that
-    arrived together go as one), from the upstream's read callback (`pusher.Pusher`). The
-    instance and the upstream connection are released when the response ends, however it
-    ends; a client that hangs up closes the upstream connection, which stops the
-    generation."""
+    """llama-server's SSE bytes handed straight to the ASGI server as they arrive (chunks
+    that arrived together go as one). The instance and the upstream connection are
+    released when the response ends, however it ends; a client that hangs up closes the
+    upstream connection, which stops the generation."""
 
     def __init__(self, exchange: relay.Exchange, resources: contextlib.AsyncExitStack) -> None:
         self._exchange = exchange
@@ -229,15 +227,17 @@ class _ProxiedStream(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with self._resources:
             watcher = asyncio.create_task(self._close_on_disconnect(receive))
-            push = pusher.Pusher(send, self._exchange, lambda: metrics.first_token(scope))
             try:
                 start = {"status": self.status_code, "headers": self.raw_headers}
                 await send({"type": "http.response.start", **start})
-                await self._exchange.pipe(push)
-                await push.drain()
+                chunks = self._exchange.chunks()
+                first = await anext(chunks, b"")
+                metrics.first_token(scope)
+                await send({"type": "http.response.body", "body": first, "more_body": True})
+                async for chunk in chunks:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b""})
             finally:
-                push.cancel()
                 watcher.cancel()
 
     async def _close_on_disconnect(self, receive: Receive) -> None:

@@ -4,8 +4,7 @@ bodies as bytes both ways, the one safe retry.
 
 httpx parses every chunk of a stream in pure Python (h11) under anyio; for the /v1 relay
 that was most of the gateway's CPU per streamed token. Here a chunk costs one parser
-callback, and chunks that arrived together are handed on as one piece; `Exchange.pipe`
-hands each one on from that callback, without waking a task. The retry rule is
+callback, and chunks that arrived together are handed on as one piece. The retry rule is
 proxy.py's: a kept-alive connection that closes before any byte of a response is retried
 once on a fresh connection, since nothing was answered; anything later is an error.
 """
@@ -56,7 +55,6 @@ class _Connection(asyncio.Protocol):
         self.keep_alive = False
         self.answered = False  # any byte of this response arrived
         self._body: list[bytes] = []
-        self.sink: Callable[[bytes], None] | None = None  # takes the body instead of _body
         self._buffered = 0
         self._paused = False
         self.error: Exception | None = None
@@ -95,9 +93,6 @@ class _Connection(asyncio.Protocol):
         self.head_done = True
 
     def on_body(self, body: bytes) -> None:
-        if self.sink is not None:
-            self.sink(body)
-            return
         self._body.append(body)
         self._buffered += len(body)
 
@@ -128,27 +123,16 @@ class _Connection(asyncio.Protocol):
                 raise RelayError("llama-server closed the connection midway through a response")
             await self._wait()
 
-    def _raise_if_broken(self) -> None:
-        if self.error is not None:
-            raise self.error
-        if self.closed:
-            raise RelayError("llama-server closed the connection midway through a response")
-
     async def read_body(self) -> bytes:
         """What arrived of the body since the last call, joined; b"" once it is complete."""
         while not self._body:
             if self.complete:
                 return b""
-            self._raise_if_broken()
+            if self.error is not None:
+                raise self.error
+            if self.closed:
+                raise RelayError("llama-server closed the connection midway through a response")
             await self._wait()
-        return self._take_body()
-
-    async def wait_complete(self) -> None:
-        while not self.complete:
-            self._raise_if_broken()
-            await self._wait()
-
-    def _take_body(self) -> bytes:
         chunks, self._body, self._buffered = self._body, [], 0
         if self._paused and self.transport is not None and not self.closed:
             self._paused = False
@@ -190,33 +174,6 @@ class Exchange:
         except RelayError:
             if not self._aborted:
                 raise
-
-    async def pipe(self, sink: Callable[[bytes], None]) -> None:
-        """Hand the body to `sink` as it arrives, called from the connection's read
-        callback: no task wakes per chunk. `sink` must not raise. Returns when the body is
-        complete; ends early, without an error, after `abort()`."""
-        connection = self._connection
-        assert connection is not None
-        if connection._body:  # what arrived with the head
-            sink(connection._take_body())
-        connection.sink = sink
-        try:
-            await connection.wait_complete()
-        except RelayError:
-            if not self._aborted:
-                raise
-        finally:
-            connection.sink = None
-
-    def pause_reading(self) -> None:
-        """Read no more from the server until `resume_reading()` (a slow client)."""
-        if self._connection is not None and self._connection.transport is not None:
-            self._connection.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        connection = self._connection
-        if connection is not None and connection.transport is not None and not connection.closed:
-            connection.transport.resume_reading()
 
     def abort(self) -> None:
         """Stop reading: the connection is closed (llama-server stops generating)."""
