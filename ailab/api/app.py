@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -78,6 +79,10 @@ def create_app(settings: Settings, binary: Path) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gateway.start()
+        # What exists now (modules, routes, schemas) lives as long as the process: out of
+        # the collector's sight, a full collection stops walking it. About 0.1 ms of CPU
+        # less per request (scripts/compare_gateways.py).
+        gc.freeze()
         try:
             yield
         finally:
