@@ -196,7 +196,7 @@ class AccessLog:
     request only queues its line; a thread of its own formats and writes it, so no
     request waits for the disk or pays for the logging machinery. The thread writes what
     gathered over ACCESS_LOG_BATCH_S at once: waking it for every request cost about
-    0.2 ms of CPU per request, taken from llama-server's cores."""
+    0.1 ms of CPU per request, taken from llama-server's cores."""
 
     def __init__(self, log_dir: Path, to_console: bool) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)

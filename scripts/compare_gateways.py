@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,7 +102,8 @@ def started(tree: Path, data_dir: Path, binary: Path, models: Path) -> Iterator[
         "LLAMA_SERVER_PATH": str(binary),
         "AILAB_MAX_LOADED_MODELS": "1",
     }
-    env.pop("AILAB_API_KEYS", None)
+    for keys in ("AILAB_API_KEYS", "AILAB_API_KEY_FILE"):  # this script sends no key
+        env.pop(keys, None)
     with (data_dir / "gateway.log").open("wb") as log:
         process = subprocess.Popen(
             [sys.executable, "ai_server.py"], cwd=tree, env=env, stdout=log, stderr=log
@@ -115,10 +116,10 @@ def started(tree: Path, data_dir: Path, binary: Path, models: Path) -> Iterator[
         bench.stop_gateway(url, process)
 
 
-def in_turns(sides: list[Side], rounds: int, measure: str) -> None:
+def in_turns(sides: list[Side], rounds: int, measure: Callable[[Side], None]) -> None:
     for i in range(rounds):
         for side in sides if i % 2 == 0 else sides[::-1]:
-            getattr(side, measure)()
+            measure(side)
 
 
 def main() -> int:
@@ -137,11 +138,11 @@ def main() -> int:
             url = stack.enter_context(started(tree, data_dir, binary, settings.models_dir))
             pid = bench.pid_listening_on(url)
             sides.append(Side(name, url, psutil.Process(pid)))
-        in_turns(sides, 2, "stream")  # warm both: prompt caches, first connections
+        in_turns(sides, 2, Side.stream)  # warm both: prompt caches, first connections
         for side in sides:
             side.rates, side.stream_cpu_s, side.tokens = [], 0.0, 0
-        in_turns(sides, args.streams, "stream")
-        in_turns(sides, args.requests, "one_token")
+        in_turns(sides, args.streams, Side.stream)
+        in_turns(sides, args.requests, Side.one_token)
     for side in sides:
         print(
             f"{side.name:>5}: {statistics.median(side.rates):6.1f} tok/s, "
