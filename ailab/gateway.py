@@ -215,6 +215,7 @@ class Gateway:
                 lambda: request_fields(instance, adapter),
                 self.kv.for_instance(instance),
                 streams=instance.relay,
+                upstream=instance.upstream_name,
             )
             self._engines[(instance.id, adapter)] = engine
         return engine

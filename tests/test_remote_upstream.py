@@ -207,6 +207,21 @@ def test_another_ai_lab_as_upstream_is_sent_the_name_it_knows_the_model_by(
     assert "unknown model 'far-lab-unnamed'" in refused["error"]["message"]
 
 
+def test_a_chat_turn_a_remote_refuses_names_the_remote_not_llama_server(setup: Setup) -> None:
+    ask = {"messages": [{"role": "user", "content": "Say hi."}], "model": "far-lab-unnamed"}
+    refused = post(setup, "/chat", {"conversation_id": "lab-refuses", **ask, **SMALL}, 404)
+    where = f"remote upstream far-lab-unnamed ({setup.lab.url})"
+    assert refused["detail"].startswith(f"{where}: unknown model 'far-lab-unnamed'")
+    with requests.post(
+        f"{setup.gateway.url}/chat",
+        json={"conversation_id": "lab-refuses-stream", "stream": True, **ask, **SMALL},
+        stream=True,
+        timeout=120,
+    ) as reply:
+        errors = [data for name, data in sse_events(reply) if name == "error"]
+    assert errors and where in errors[0]["error"]
+
+
 def test_a_streamed_v1_request_to_a_remote_relays_its_chunks(setup: Setup) -> None:
     body = {
         "model": "far-smol",

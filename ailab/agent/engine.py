@@ -151,9 +151,11 @@ class ChatEngine:
         slot_cache: SlotCache | None = None,
         *,
         streams: relay.Upstream,
+        upstream: str = "llama-server",
     ) -> None:
         self.http = http
         self.relay = streams
+        self.upstream = upstream  # how errors name the server: llama-server, or a remote
         # Added to every request when it is sent: a remote upstream's model name, or a LoRA
         # base's adapter scales.
         self.request_fields = request_fields
@@ -167,12 +169,13 @@ class ChatEngine:
         self.counter = TokenCounter(self._tokenize)
 
     async def _tokenize(self, text: str) -> int:
-        body = await proxy.post_json(
-            self.http,
-            f"{self.llama_url}/tokenize",
-            {**self.request_fields(), "content": text, "add_special": False},
+        body = await self._post(
+            "/tokenize", {**self.request_fields(), "content": text, "add_special": False}
         )
         return len(body.get("tokens", []))
+
+    async def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        return await proxy.post_json(self.http, f"{self.llama_url}{path}", payload, self.upstream)
 
     # --- the loop ------------------------------------------------------------------
 
@@ -272,9 +275,7 @@ class ChatEngine:
                 async for event in stream:
                     yield event
             else:
-                body = await proxy.post_json(
-                    self.http, f"{self.llama_url}/v1/chat/completions", {**payload, **pinned}
-                )
+                body = await self._post("/v1/chat/completions", {**payload, **pinned})
         stats.add_usage(body, time.perf_counter() - started)
         choice = (body.get("choices") or [{}])[0]
         message = choice.get("message") or {}
@@ -309,7 +310,7 @@ class ChatEngine:
             **self.request_fields(),
             **pinned,
         }
-        body = await proxy.post_json(self.http, f"{self.llama_url}/v1/chat/completions", payload)
+        body = await self._post("/v1/chat/completions", payload)
         choice = (body.get("choices") or [{}])[0]
         call = _call_from_json((choice.get("message") or {}).get("content") or "", name)
         choice["message"] = {"role": "assistant", "content": None, "tool_calls": [call]}
@@ -330,10 +331,11 @@ class ChatEngine:
             try:
                 if exchange.status >= 400:
                     raise proxy.UpstreamError(
-                        f"llama-server: {proxy.error_text(exchange.status, await exchange.read())}",
+                        f"{self.upstream}: "
+                        f"{proxy.error_text(exchange.status, await exchange.read())}",
                         exchange.status if exchange.status < 500 else 502,
                     )
-                async for chunk in _sse_json(exchange.chunks()):
+                async for chunk in _sse_json(exchange.chunks(), self.upstream):
                     for key in ("usage", "timings"):
                         if chunk.get(key):
                             body[key] = chunk[key]
@@ -670,7 +672,7 @@ def _approval_label(approval: bool | None, needed: bool, policy: str) -> str:
     return "auto" if policy == "auto" else "policy_denied"
 
 
-async def _sse_json(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+async def _sse_json(chunks: AsyncIterator[bytes], upstream: str) -> AsyncIterator[dict[str, Any]]:
     """The JSON objects of an SSE stream's `data:` lines; a line may span chunks. Read to
     the end (past `[DONE]`), so the connection can be kept alive."""
     pending = b""
@@ -687,6 +689,6 @@ async def _sse_json(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any
             except json.JSONDecodeError:
                 continue
             if isinstance(parsed, dict) and parsed.get("error"):
-                raise proxy.UpstreamError(f"llama-server: {parsed['error']}", 502)
+                raise proxy.UpstreamError(f"{upstream}: {parsed['error']}", 502)
             if isinstance(parsed, dict):
                 yield parsed

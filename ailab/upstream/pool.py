@@ -116,6 +116,11 @@ class Instance:
         return isinstance(self.manager, RemoteUpstream)
 
     @property
+    def upstream_name(self) -> str:
+        """How messages name the server behind this instance."""
+        return f"remote upstream {self.key} ({self.source.url})" if self.remote else "llama-server"
+
+    @property
     def holds_memory(self) -> bool:
         if self.remote:
             return False  # on another machine: never in the budget, never evicted

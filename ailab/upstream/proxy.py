@@ -80,13 +80,16 @@ def error_text(status: int, content: bytes) -> str:
     return str(body)[:500]
 
 
-async def post_json(client: httpx.AsyncClient, url: str, payload: dict[str, Any]) -> dict[str, Any]:
-    """POST JSON to llama-server; raise UpstreamError with its message on failure."""
+async def post_json(
+    client: httpx.AsyncClient, url: str, payload: dict[str, Any], upstream: str = "llama-server"
+) -> dict[str, Any]:
+    """POST JSON to llama-server (or the remote upstream named `upstream`); raise
+    UpstreamError with its message on failure."""
     try:
         response = await send(client, client.build_request("POST", url, json=payload))
     except httpx.HTTPError as exc:
-        raise UpstreamError(f"llama-server is not reachable: {exc}", 503) from exc
+        raise UpstreamError(f"{upstream} is not reachable: {exc}", 503) from exc
     if response.status_code >= 400:
         status = response.status_code if response.status_code < 500 else 502
-        raise UpstreamError(f"llama-server: {error_message(response)}", status)
+        raise UpstreamError(f"{upstream}: {error_message(response)}", status)
     return response.json()
