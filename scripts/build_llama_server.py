@@ -47,6 +47,8 @@ def gpu_present() -> bool:
 
 def native_amx_broken() -> bool:
     """The compiler's native target has AMX, but this machine faults on it."""
+    if shutil.which("cc") is None:
+        return False  # cmake says that a compiler is missing, and how to get one
     defines = subprocess.run(
         ["cc", "-march=native", "-dM", "-E", "-"],
         input="", capture_output=True, text=True, check=False,

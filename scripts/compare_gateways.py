@@ -20,13 +20,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +35,7 @@ from ailab import config
 from ailab.bench import gateway as bench
 from ailab.upstream import binaries
 
+MODEL = "smollm2-135m"
 STREAM = {
     "messages": [{"role": "user", "content": bench.LONG_PROMPT}],
     "max_tokens": 256,
@@ -90,32 +89,6 @@ class Side:
         self.request_cpu_s += self.cpu_s() - before
 
 
-@contextlib.contextmanager
-def started(tree: Path, data_dir: Path, binary: Path, models: Path) -> Iterator[str]:
-    port = bench.free_port()
-    env = {
-        **os.environ,
-        "AILAB_PORT": str(port),
-        "AILAB_LLAMA_PORT": str(bench.free_port()),
-        "AILAB_DATA_DIR": str(data_dir),
-        "AILAB_MODELS_DIR": str(models),
-        "LLAMA_SERVER_PATH": str(binary),
-        "AILAB_MAX_LOADED_MODELS": "1",
-    }
-    for keys in ("AILAB_API_KEYS", "AILAB_API_KEY_FILE"):  # this script sends no key
-        env.pop(keys, None)
-    with (data_dir / "gateway.log").open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "ai_server.py"], cwd=tree, env=env, stdout=log, stderr=log
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        bench.wait_ready(f"{url}/health", process, bench.READY_TIMEOUT_S)
-        yield url
-    finally:
-        bench.stop_gateway(url, process)
-
-
 def in_turns(sides: list[Side], rounds: int, measure: Callable[[Side], None]) -> None:
     for i in range(rounds):
         for side in sides if i % 2 == 0 else sides[::-1]:
@@ -133,10 +106,13 @@ def main() -> int:
     here = Path(__file__).resolve().parent.parent
     with contextlib.ExitStack() as stack:
         sides = []
+        # Both use this checkout's models, and have room for one model, as the bench's has.
+        env = {"AILAB_MODELS_DIR": str(settings.models_dir), "AILAB_MAX_LOADED_MODELS": "1"}
         for name, tree in (("other", args.other.resolve()), ("this", here)):
-            data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            url = stack.enter_context(started(tree, data_dir, binary, settings.models_dir))
-            pid = bench.pid_listening_on(url)
+            data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "data"
+            url, pid = stack.enter_context(
+                bench.started_gateway(binary, MODEL, data_dir, env, checkout=tree)
+            )
             sides.append(Side(name, url, psutil.Process(pid)))
         in_turns(sides, 2, Side.stream)  # warm both: prompt caches, first connections
         for side in sides:

@@ -23,13 +23,15 @@ def _server() -> serve.Server:
     return serve.Server(config)
 
 
-def test_an_exit_signal_ends_the_main_loop_without_waiting_for_the_tick() -> None:
+def test_an_exit_signal_ends_the_main_loop_without_waiting_for_the_tick(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(serve, "TICK_S", 3600.0)  # only the wake-up can end the loop
     server = _server()
 
     async def scenario() -> None:
         asyncio.get_running_loop().call_later(0.05, server.handle_exit, signal.SIGTERM, None)
-        # Well inside one tick: only the wake-up can end the loop this soon.
-        await asyncio.wait_for(server.main_loop(), serve.TICK_S * 0.8)
+        await asyncio.wait_for(server.main_loop(), 60)
 
     asyncio.run(scenario())
     assert server.should_exit
@@ -37,13 +39,19 @@ def test_an_exit_signal_ends_the_main_loop_without_waiting_for_the_tick() -> Non
 
 def test_every_tick_refreshes_the_date_header(monkeypatch: pytest.MonkeyPatch) -> None:
     refreshes = []
-    monkeypatch.setattr(serve, "TICK_S", 0.01)
+    monkeypatch.setattr(serve, "TICK_S", 0.001)
     monkeypatch.setattr(uvicorn.server, "formatdate", lambda *a, **k: refreshes.append(a) or "x")
     server = _server()
+    ticks = 0
+    on_tick = server.on_tick
 
-    async def scenario() -> None:
-        asyncio.get_running_loop().call_later(0.2, server.handle_exit, signal.SIGTERM, None)
-        await server.main_loop()
+    async def counted_tick(counter: int) -> bool:
+        nonlocal ticks
+        ticks += 1
+        if ticks == 5:
+            server.handle_exit(signal.SIGTERM, None)
+        return await on_tick(counter)
 
-    asyncio.run(scenario())
-    assert len(refreshes) >= 5  # one per tick (uvicorn's own loop refreshes every tenth)
+    monkeypatch.setattr(server, "on_tick", counted_tick)
+    asyncio.run(server.main_loop())
+    assert len(refreshes) == ticks == 5  # uvicorn's own loop refreshes every tenth tick

@@ -262,8 +262,13 @@ def started_llama(
 
 @contextlib.contextmanager
 def started_gateway(
-    binary: Path, model_key: str, data_dir: Path, extra_env: dict[str, str] | None = None
+    binary: Path,
+    model_key: str,
+    data_dir: Path,
+    extra_env: dict[str, str] | None = None,
+    checkout: Path = PROJECT_DIR,
 ) -> Iterator[tuple[str, int]]:
+    """A gateway from `checkout` (another one: scripts/compare_gateways.py), its URL and pid."""
     port = free_port()
     inherited = {
         name: value
@@ -285,7 +290,7 @@ def started_gateway(
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [str(python if python.exists() else sys.executable), "ai_server.py"],
-            cwd=PROJECT_DIR, env=env, stdout=log, stderr=log,
+            cwd=checkout, env=env, stdout=log, stderr=log,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
