@@ -8,9 +8,10 @@ import time
 
 import anthropic
 import openai
+import psutil
 import pytest
 import requests
-from conftest import GatewayProcess, llama_server_busy
+from conftest import GatewayProcess, llama_server_busy, wait_for
 
 SMOL, GEMMA = "smollm2-135m", "gemma3-270m"
 
@@ -210,6 +211,28 @@ def test_rerank_on_a_model_not_registered_as_a_reranker_is_400_saying_why(
     )
     assert reply.status_code == 400
     assert "not registered as a reranker" in reply.json()["error"]["message"]
+
+
+def test_a_stream_is_piped_by_a_thread_of_its_own_and_its_connection_serves_the_next_request(
+    gateway: GatewayProcess,
+) -> None:
+    url = f"{gateway.url}/v1/chat/completions"
+    messages = [{"role": "user", "content": "Write a long story about the sea."}]
+    stream = {"model": SMOL, "messages": messages, "max_tokens": 200, "ignore_eos": True}
+    process = psutil.Process(gateway.process.pid if gateway.process else 0)
+    with requests.Session() as session:
+        assert session.post(url, json={**stream, "stream": True}, timeout=60).ok  # warms up
+        time.sleep(0.5)  # for the warm-up's own piping thread to be gone
+        idle_threads = process.num_threads()
+        with session.post(url, json={**stream, "stream": True}, stream=True, timeout=60) as reply:
+            lines = reply.iter_lines()
+            assert next(lines).startswith(b"data:")
+            wait_for(lambda: process.num_threads() == idle_threads + 1, timeout=10)
+            events = [line for line in lines if line]
+        assert events[-1] == b"data: [DONE]" and len(events) > 100  # the whole stream came
+        wait_for(lambda: process.num_threads() == idle_threads, timeout=10)
+        again = session.post(url, json={**stream, "max_tokens": 1}, timeout=60)
+        assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 1
 
 
 def test_a_client_hanging_up_mid_stream_stops_the_generation_and_frees_the_model(

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import subprocess
+import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -254,3 +257,157 @@ def test_an_https_remote_is_reached_over_tls_and_its_certificate_checked(
     with pytest.raises(relay.RelayError):
         asyncio.run(scenario(trusted=False))  # a certificate nobody vouches for
     assert asyncio.run(scenario(trusted=True)) == b"ok"
+
+
+# --- a stream's body piped by a thread straight to the client's socket -------------------
+
+EVENTS = [b'data: {"n": %d}\n\n' % i for i in range(5)]
+
+
+def chunked(events: list[bytes]) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(event), event) for event in events)
+
+
+def unchunked(framed: bytes) -> bytes:
+    """The body carried by HTTP/1.1 chunks (the terminal chunk is the server's to send)."""
+    body = b""
+    while framed:
+        size, _, framed = framed.partition(b"\r\n")
+        length = int(size, 16)
+        body, framed = body + framed[:length], framed[length + 2 :]
+    return body
+
+
+def client_pair() -> tuple[socket.socket, socket.socket]:
+    """The gateway's end (non-blocking, as the server's transport leaves it) and the client's."""
+    gateway_end, client_end = socket.socketpair()
+    gateway_end.setblocking(False)
+    return gateway_end, client_end
+
+
+async def stream_then_ok(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, events: list[bytes], pace: float
+) -> None:
+    """Answer a stream chunk by chunk, then a plain request on the same connection."""
+    await read_request(reader)
+    writer.write(SSE_HEAD + chunked(events[:1]))
+    for event in events[1:]:
+        await asyncio.sleep(pace)
+        writer.write(chunked([event]))
+        await writer.drain()
+    writer.write(b"0\r\n\r\n")
+    await read_request(reader)
+    writer.write(OK)
+    await writer.drain()
+
+
+def test_a_piped_stream_reaches_the_client_socket_as_chunks_and_keeps_its_connection() -> None:
+    gateway_end, client_end = client_pair()
+
+    async def scenario() -> None:
+        connections: list[int] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            connections.append(1)
+            await stream_then_ok(reader, writer, EVENTS, pace=0.02)
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        async with server:
+            upstream = upstream_of(server)
+            exchange = await upstream.post("/v1/chat/completions", b"{}")
+            async with contextlib.aclosing(exchange.chunks()) as chunks:
+                assert await anext(chunks) == EVENTS[0]
+                assert await exchange.pipe_to(gateway_end)
+            exchange.release()
+            assert await post(upstream) == b"ok"  # on the same connection, read to its end
+        assert len(connections) == 1
+
+    asyncio.run(scenario())
+    client_end.setblocking(False)
+    assert unchunked(client_end.recv(1 << 16)) == b"".join(EVENTS[1:])
+
+
+def test_a_slow_client_gets_every_byte_of_a_piped_stream() -> None:
+    gateway_end, client_end = client_pair()
+    events = [b"data: %s\n\n" % (b"%05d" % i * 2000) for i in range(400)]  # 4 MB
+    received = bytearray()
+
+    def read_slowly() -> None:
+        while data := client_end.recv(1 << 14):
+            received.extend(data)
+            time.sleep(0.001)
+
+    async def scenario() -> bytes:
+        server = await asyncio.start_server(
+            lambda r, w: stream_then_ok(r, w, events, pace=0), "127.0.0.1", 0
+        )
+        async with server:
+            exchange = await upstream_of(server).post("/v1/chat/completions", b"{}")
+            async with contextlib.aclosing(exchange.chunks()) as chunks:
+                first = await anext(chunks)
+                assert await exchange.pipe_to(gateway_end)
+            exchange.release()
+        gateway_end.close()
+        return first
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    first = asyncio.run(scenario())
+    reader.join(30)
+    assert first + unchunked(bytes(received)) == b"".join(events)
+
+
+def test_an_aborted_pipe_ends_quietly_and_closes_the_upstream_connection() -> None:
+    gateway_end, _client_end = client_pair()
+
+    async def scenario() -> None:
+        closed = asyncio.Event()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_request(reader)
+            writer.write(SSE_HEAD + chunked(EVENTS[:2]))
+            await reader.read()  # the gateway hanging up is what stops the generation
+            closed.set()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        async with server:
+            exchange = await upstream_of(server).post("/v1/chat/completions", b"{}")
+            async with contextlib.aclosing(exchange.chunks()) as chunks:
+                await anext(chunks)
+                piping = asyncio.create_task(exchange.pipe_to(gateway_end))
+                await asyncio.sleep(0.1)
+                assert not piping.done()  # waiting on llama-server in its thread
+                exchange.abort()
+                assert await asyncio.wait_for(piping, 5)
+            await asyncio.wait_for(closed.wait(), 5)
+            exchange.release()
+
+    asyncio.run(scenario())
+
+
+def test_a_client_gone_mid_pipe_is_client_gone_and_the_upstream_connection_closes() -> None:
+    gateway_end, client_end = client_pair()
+    client_end.close()
+
+    async def scenario() -> None:
+        closed = asyncio.Event()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await read_request(reader)
+            writer.write(SSE_HEAD + chunked(EVENTS[:1]))
+            await asyncio.sleep(0.05)
+            writer.write(chunked(EVENTS[1:2]))
+            await reader.read()
+            closed.set()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        async with server:
+            exchange = await upstream_of(server).post("/v1/chat/completions", b"{}")
+            async with contextlib.aclosing(exchange.chunks()) as chunks:
+                await anext(chunks)
+                with pytest.raises(relay.ClientGone):
+                    await exchange.pipe_to(gateway_end)
+            exchange.release()  # not read to its end: closed, not kept
+            await asyncio.wait_for(closed.wait(), 5)
+
+    asyncio.run(scenario())

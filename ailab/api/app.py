@@ -399,6 +399,7 @@ def main() -> None:
             host=settings.host,
             port=settings.port,
             log_level="warning",
+            http=serve.HttpProtocol,
             timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         )
     )

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import socket
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,6 +23,7 @@ from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from ailab import metrics
+from ailab.api import serve
 from ailab.errors import AilabError, BadRequest, described
 from ailab.gateway import Gateway, request_fields
 from ailab.upstream import proxy, relay
@@ -225,20 +228,41 @@ class _ProxiedStream(Response):
         self.raw_headers = [(b"content-type", media_type.encode("latin-1"))]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with self._resources:
+        async with self._resources, contextlib.aclosing(self._exchange.chunks()) as chunks:
             watcher = asyncio.create_task(self._close_on_disconnect(receive))
             try:
                 start = {"status": self.status_code, "headers": self.raw_headers}
                 await send({"type": "http.response.start", **start})
-                chunks = self._exchange.chunks()
                 first = await anext(chunks, b"")
                 metrics.first_token(scope)
                 await send({"type": "http.response.body", "body": first, "more_body": True})
-                async for chunk in chunks:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if not await self._piped(scope):
+                    async for chunk in chunks:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b""})
             finally:
                 watcher.cancel()
+
+    async def _piped(self, scope: Scope) -> bool:
+        """The rest of the body written straight to the client's socket by a thread, where
+        the server is ours, the connection is HTTP/1.1 (chunked) and what was sent so far
+        has left; False to relay it through the event loop instead."""
+        transport = serve.client_transport(scope)
+        if (
+            transport is None
+            or transport.is_closing()
+            or transport.get_write_buffer_size()
+            or scope["http_version"] != "1.1"
+        ):
+            return False
+        client = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
+        try:
+            return await self._exchange.pipe_to(client)
+        except relay.ClientGone:
+            self._exchange.abort()  # llama-server stops generating
+            return True
+        finally:
+            client.close()
 
     async def _close_on_disconnect(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":

@@ -12,7 +12,12 @@ once on a fresh connection, since nothing was answered; anything later is an err
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import select
+import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import cast
 from urllib.parse import urlsplit
@@ -21,6 +26,12 @@ import httptools
 
 CONNECT_TIMEOUT_S = 5.0
 PAUSE_AT_BYTES = 1 << 20  # stop reading from llama-server while this much waits unsent
+READ_BYTES = 1 << 16
+CLIENT_WAIT_S = 1.0  # a piping thread blocked on a slow client checks this often for an abort
+
+
+class ClientGone(ConnectionError):
+    """The client closed its connection while a body was piped to it."""
 
 
 class RelayError(ConnectionError):
@@ -139,6 +150,27 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    def pipe_body(
+        self, upstream: socket.socket, client: socket.socket, stop: threading.Event
+    ) -> None:
+        """In a thread of its own: write what the body has left to `client` as HTTP/1.1
+        chunks, reading from `upstream` (a blocking duplicate of this connection's socket,
+        whose transport is paused), until the response is complete or `stop` is set. The parser
+        is this connection's, so the body is framed and ended exactly as on the event loop."""
+        while not stop.is_set():
+            if self._body:  # chunks that arrived together go as one
+                body, self._body, self._buffered = b"".join(self._body), [], 0
+                _send_all(client, b"%x\r\n%b\r\n" % (len(body), body), stop)
+            if self.complete:
+                return
+            data = upstream.recv(READ_BYTES)
+            if not data:
+                raise RelayError("llama-server closed the connection midway through a response")
+            try:
+                self._parser.feed_data(data)
+            except httptools.HttpParserError as exc:
+                raise RelayError(f"llama-server sent a malformed response: {exc}") from exc
+
     @property
     def reusable(self) -> bool:
         return self.complete and self.keep_alive and not self.closed
@@ -149,6 +181,22 @@ class _Connection(asyncio.Protocol):
         self.closed = True
 
 
+def _send_all(client: socket.socket, data: bytes, stop: threading.Event) -> None:
+    """Write all of `data` to a non-blocking socket, waiting while the client is slow."""
+    view = memoryview(data)
+    writable = select.poll()
+    writable.register(client, select.POLLOUT)
+    while view:
+        try:
+            view = view[client.send(view) :]
+        except BlockingIOError:
+            while not writable.poll(CLIENT_WAIT_S * 1000):
+                if stop.is_set():
+                    return
+        except OSError as exc:  # EPIPE, ECONNRESET: the client hung up
+            raise ClientGone(str(exc)) from exc
+
+
 class Exchange:
     """One response being read; `release()` (always, also after a failure) hands the
     connection back when the response was read to its end, and closes it otherwise."""
@@ -157,6 +205,8 @@ class Exchange:
         self._upstream = upstream
         self._connection: _Connection | None = connection
         self._aborted = False
+        self._stop_piping = threading.Event()
+        self._piped_from: socket.socket | None = None  # while a thread pipes the body
         self.status = connection.status
         self.content_type = connection.content_type.decode("latin-1")
 
@@ -175,16 +225,73 @@ class Exchange:
             if not self._aborted:
                 raise
 
+    async def pipe_to(self, client: socket.socket) -> bool:
+        """The rest of the body written straight to the client's socket as HTTP/1.1 chunks
+        by a thread, with no event-loop wake per chunk. False, with nothing read, where
+        `chunks()` should hand on the rest instead: a TLS upstream, or a body already
+        complete. Raises ClientGone if the client hangs up; ends early, without an error,
+        after `abort()`."""
+        connection = self._connection
+        assert connection is not None and connection.transport is not None
+        if self._upstream.tls or connection.closed or connection.complete or self._aborted:
+            return False
+        transport = connection.transport
+        transport.pause_reading()
+        upstream_fd = transport.get_extra_info("socket").fileno()
+        self._piped_from = socket.socket(fileno=os.dup(upstream_fd))
+        # One syscall per chunk instead of poll and read. The flag is the socket's, shared
+        # with the paused transport, and restored before it reads again.
+        self._piped_from.setblocking(True)
+        loop = asyncio.get_running_loop()
+        finished: asyncio.Future[BaseException | None] = loop.create_future()
+
+        def pipe() -> None:
+            assert self._piped_from is not None
+            outcome: BaseException | None = None
+            try:
+                connection.pipe_body(self._piped_from, client, self._stop_piping)
+            except BaseException as exc:  # handed to the event loop, raised there
+                outcome = exc
+            loop.call_soon_threadsafe(_settle, finished, outcome)
+
+        threading.Thread(target=pipe, name="ailab-pipe", daemon=True).start()
+        try:
+            outcome = await asyncio.shield(finished)
+        except asyncio.CancelledError:
+            self.abort()
+            await finished
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                self._piped_from.setblocking(False)
+            self._piped_from.close()
+            self._piped_from = None
+        if outcome is not None and not (self._aborted and isinstance(outcome, RelayError)):
+            connection.close()
+            raise outcome
+        if connection.complete and not connection.closed:
+            transport.resume_reading()
+        return True
+
     def abort(self) -> None:
         """Stop reading: the connection is closed (llama-server stops generating)."""
         if self._connection is not None:
             self._aborted = True
+            self._stop_piping.set()
+            if self._piped_from is not None:  # wakes the piping thread at once
+                with contextlib.suppress(OSError):
+                    self._piped_from.shutdown(socket.SHUT_RDWR)
             self._connection.close()
 
     def release(self) -> None:
         if self._connection is not None:
             self._upstream._release(self._connection)
             self._connection = None
+
+
+def _settle(future: asyncio.Future[BaseException | None], outcome: BaseException | None) -> None:
+    if not future.done():
+        future.set_result(outcome)
 
 
 class Upstream:
@@ -204,6 +311,7 @@ class Upstream:
         self.host = host
         self.port = port
         self._tls = ssl.create_default_context() if tls else None
+        self.tls = tls
         self._prefix = prefix.rstrip("/").encode("ascii")  # a remote's root path, if any
         self._on_unreachable = on_unreachable  # told when a connection cannot be made
         auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
