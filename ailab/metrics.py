@@ -120,10 +120,11 @@ def note(scope: Scope, **facts: Any) -> None:
     scope.setdefault("state", {}).setdefault("metrics", {}).update(facts)
 
 
-def first_token(scope: Scope) -> None:
-    """Mark the first streamed token of this request (only the first mark counts)."""
+def first_token(scope: Scope, at: float | None = None) -> None:
+    """Mark the first streamed token of this request, now or `at` (`time.perf_counter`);
+    only the first mark counts."""
     facts = scope.setdefault("state", {}).setdefault("metrics", {})
-    facts.setdefault("first_token_at", time.perf_counter())
+    facts.setdefault("first_token_at", at or time.perf_counter())
 
 
 def _route_of(scope: Scope) -> str:

@@ -11,8 +11,9 @@ turn, alternating which goes first, so drift favours neither:
     .venv/bin/python scripts/compare_gateways.py /tmp/before
 
 It prints, for each side, streamed tokens/s and the gateway's CPU per relayed token over
-256-token streams, then the p50 of 1-token `/v1` requests and the gateway's CPU per
-request (psutil, as `make bench` measures them). Both use this checkout's models.
+256-token streams, the p50 of 1-token `/v1` requests and the gateway's CPU per request
+(psutil, as `make bench` measures them), and the p50 time to a stream's first token.
+Both use this checkout's models.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class Side:
     stream_cpu_s: float = 0.0
     tokens: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    ttfts_ms: list[float] = field(default_factory=list)
     request_cpu_s: float = 0.0
 
     def cpu_s(self) -> float:
@@ -82,6 +84,15 @@ class Side:
         self.tokens += tokens
         self.rates.append((tokens - 1) / (last - first))
 
+    def first_token(self) -> None:
+        started = time.perf_counter()
+        body = {**ONE_TOKEN, "max_tokens": 2, "stream": True}
+        with self.client.stream("POST", f"{self.url}/v1/chat/completions", json=body) as reply:
+            for line in reply.iter_lines():
+                if line.startswith("data:") and '"content":"' in line:
+                    self.ttfts_ms.append((time.perf_counter() - started) * 1000)
+                    break
+
     def one_token(self) -> None:
         before, started = self.cpu_s(), time.perf_counter()
         self.client.post(f"{self.url}/v1/chat/completions", json=ONE_TOKEN).raise_for_status()
@@ -100,6 +111,7 @@ def main() -> int:
     parser.add_argument("other", type=Path, help="a checkout of the commit to compare with")
     parser.add_argument("--streams", type=int, default=12, help="256-token streams per side")
     parser.add_argument("--requests", type=int, default=400, help="1-token requests per side")
+    parser.add_argument("--ttft", type=int, default=200, help="time-to-first-token samples")
     args = parser.parse_args()
     settings = config.load_settings()
     binary = binaries.find_llama_server(settings)
@@ -119,12 +131,14 @@ def main() -> int:
             side.rates, side.stream_cpu_s, side.tokens = [], 0.0, 0
         in_turns(sides, args.streams, Side.stream)
         in_turns(sides, args.requests, Side.one_token)
+        in_turns(sides, args.ttft, Side.first_token)
     for side in sides:
         print(
             f"{side.name:>5}: {statistics.median(side.rates):6.1f} tok/s, "
             f"{side.stream_cpu_s * 1000 / side.tokens:.3f} ms CPU per relayed token; "
             f"1-token p50 {statistics.median(side.latencies_ms):.2f} ms, "
-            f"{side.request_cpu_s * 1000 / len(side.latencies_ms):.3f} ms CPU per request"
+            f"{side.request_cpu_s * 1000 / len(side.latencies_ms):.3f} ms CPU per request; "
+            f"time to first token p50 {statistics.median(side.ttfts_ms):.2f} ms"
         )
     return 0
 

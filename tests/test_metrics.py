@@ -74,6 +74,31 @@ def test_requests_and_chat_tokens_are_counted_by_route_model_and_status(
     )
 
 
+def test_a_v1_streams_time_to_first_token_is_observed_within_its_duration(
+    gateway: GatewayProcess,
+) -> None:
+    route = {"route": "/v1/chat/completions", "model": "smollm2-135m"}
+    name = "ailab_time_to_first_token_seconds"
+    before = scrape(gateway)
+    started = time.perf_counter()
+    reply = requests.post(
+        f"{gateway.url}/v1/chat/completions",
+        json={
+            "model": "smollm2-135m",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 8,
+            "stream": True,
+        },
+        timeout=120,
+    )
+    took = time.perf_counter() - started
+    assert reply.status_code == 200 and reply.text.rstrip().endswith("data: [DONE]")
+    after = scrape(gateway)
+    assert value(after, f"{name}_count", **route) - value(before, f"{name}_count", **route) == 1
+    observed = value(after, f"{name}_sum", **route) - value(before, f"{name}_sum", **route)
+    assert 0 < observed < took
+
+
 def test_llama_servers_own_metrics_are_labelled_with_the_model(gateway: GatewayProcess) -> None:
     assert completion(gateway).status_code == 200
     samples = scrape(gateway)

@@ -214,10 +214,11 @@ def _with_fields(payload: dict[str, Any], body: bytes, fields: dict[str, Any]) -
 
 
 class _ProxiedStream(Response):
-    """llama-server's SSE bytes handed straight to the ASGI server as they arrive (chunks
-    that arrived together go as one). The instance and the upstream connection are
-    released when the response ends, however it ends; a client that hangs up closes the
-    upstream connection, which stops the generation."""
+    """llama-server's SSE bytes handed on as they arrive (chunks that arrived together go as
+    one): piped by a thread straight to the client's socket where it can be, else through
+    ASGI `send`. The instance and the upstream connection are released when the response
+    ends, however it ends; a client that hangs up closes the upstream connection, which
+    stops the generation."""
 
     def __init__(self, exchange: relay.Exchange, resources: contextlib.AsyncExitStack) -> None:
         self._exchange = exchange
@@ -228,25 +229,24 @@ class _ProxiedStream(Response):
         self.raw_headers = [(b"content-type", media_type.encode("latin-1"))]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with self._resources, contextlib.aclosing(self._exchange.chunks()) as chunks:
+        async with self._resources:
             watcher = asyncio.create_task(self._close_on_disconnect(receive))
             try:
                 start = {"status": self.status_code, "headers": self.raw_headers}
                 await send({"type": "http.response.start", **start})
-                first = await anext(chunks, b"")
-                metrics.first_token(scope)
-                await send({"type": "http.response.body", "body": first, "more_body": True})
-                if not await self._piped(scope):
-                    async for chunk in chunks:
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                first_piped_at = await self._piped(scope)
+                if first_piped_at is None:
+                    await self._relayed(scope, send)
+                elif first_piped_at:
+                    metrics.first_token(scope, first_piped_at)
                 await send({"type": "http.response.body", "body": b""})
             finally:
                 watcher.cancel()
 
-    async def _piped(self, scope: Scope) -> bool:
-        """The rest of the body written straight to the client's socket by a thread, where
-        the server is ours, the connection is HTTP/1.1 (chunked) and what was sent so far
-        has left; False to relay it through the event loop instead."""
+    async def _piped(self, scope: Scope) -> float | None:
+        """The body written straight to the client's socket by a thread (see
+        `relay.Exchange.pipe_to`), where the server is ours, the connection is HTTP/1.1
+        (chunked) and the head has left; None to relay it through the event loop instead."""
         transport = serve.client_transport(scope)
         if (
             transport is None
@@ -254,15 +254,24 @@ class _ProxiedStream(Response):
             or transport.get_write_buffer_size()
             or scope["http_version"] != "1.1"
         ):
-            return False
+            return None
         client = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
         try:
             return await self._exchange.pipe_to(client)
         except relay.ClientGone:
             self._exchange.abort()  # llama-server stops generating
-            return True
+            return 0.0
         finally:
             client.close()
+
+    async def _relayed(self, scope: Scope, send: Send) -> None:
+        async with contextlib.aclosing(self._exchange.chunks()) as chunks:
+            if not (first := await anext(chunks, b"")):
+                return
+            metrics.first_token(scope)
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+            async for chunk in chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
     async def _close_on_disconnect(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":

@@ -18,6 +18,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import cast
 from urllib.parse import urlsplit
@@ -69,6 +70,7 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._paused = False
         self.error: Exception | None = None
+        self.first_piped_at: float | None = None  # when pipe_body wrote its first piece
 
     # --- asyncio.Protocol ----------------------------------------------------------
 
@@ -161,6 +163,7 @@ class _Connection(asyncio.Protocol):
             if self._body:  # chunks that arrived together go as one
                 body, self._body, self._buffered = b"".join(self._body), [], 0
                 _send_all(client, b"%x\r\n%b\r\n" % (len(body), body), stop)
+                self.first_piped_at = self.first_piped_at or time.perf_counter()
             if self.complete:
                 return
             data = upstream.recv(READ_BYTES)
@@ -225,16 +228,17 @@ class Exchange:
             if not self._aborted:
                 raise
 
-    async def pipe_to(self, client: socket.socket) -> bool:
+    async def pipe_to(self, client: socket.socket) -> float | None:
         """The rest of the body written straight to the client's socket as HTTP/1.1 chunks
-        by a thread, with no event-loop wake per chunk. False, with nothing read, where
-        `chunks()` should hand on the rest instead: a TLS upstream, or a body already
+        by a thread, with no event-loop wake per chunk; the time (`time.perf_counter`) its
+        first piece was written, 0.0 if there was none. None, with nothing read, where
+        `chunks()` should hand on the body instead: a TLS upstream, or a body already
         complete. Raises ClientGone if the client hangs up; ends early, without an error,
         after `abort()`."""
         connection = self._connection
         assert connection is not None and connection.transport is not None
         if self._upstream.tls or connection.closed or connection.complete or self._aborted:
-            return False
+            return None
         transport = connection.transport
         transport.pause_reading()
         upstream_fd = transport.get_extra_info("socket").fileno()
@@ -271,7 +275,7 @@ class Exchange:
             raise outcome
         if connection.complete and not connection.closed:
             transport.resume_reading()
-        return True
+        return connection.first_piped_at or 0.0
 
     def abort(self) -> None:
         """Stop reading: the connection is closed (llama-server stops generating)."""
