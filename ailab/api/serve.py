@@ -44,23 +44,32 @@ def client_transport(scope: Scope) -> asyncio.Transport | None:
 class Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
-        self._exit_requested: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Future[None] | None = None
 
     async def main_loop(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._exit_requested = asyncio.Event()
+        loop = self._loop = asyncio.get_running_loop()
         counter = 0
         while not await self.on_tick(counter):
             counter = (counter + TICKS_PER_DATE) % 864000
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._exit_requested.wait(), TICK_S)
+            self._wake = loop.create_future()
+            if self.should_exit:  # a signal that came while the last wake was spent
+                break
+            # On the loop clock's whole seconds, as the pool's housekeeping: one wake for both.
+            timer = loop.call_at((loop.time() // TICK_S + 1) * TICK_S, _settle, self._wake)
+            await self._wake
+            timer.cancel()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
-        if self._loop is not None and self._exit_requested is not None:
+        if self._loop is not None and self._wake is not None:
             # A signal handler may interrupt the loop's own code: wake it the safe way.
-            self._loop.call_soon_threadsafe(self._exit_requested.set)
+            self._loop.call_soon_threadsafe(_settle, self._wake)
+
+
+def _settle(wake: asyncio.Future[None]) -> None:
+    if not wake.done():
+        wake.set_result(None)
 
 
 def run(config: uvicorn.Config) -> None:
