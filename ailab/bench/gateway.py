@@ -75,7 +75,7 @@ class Plan:
     series_time_s: float
 
 
-FULL_PLAN = Plan(60, 100, 8, 256, 16, 2, 2, 45.0)
+FULL_PLAN = Plan(300, 300, 8, 256, 32, 2, 2, 45.0)
 QUICK_PLAN = Plan(15, 8, 1, 128, 8, 1, 1, 12.0)
 
 

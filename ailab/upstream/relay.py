@@ -187,12 +187,14 @@ class _Connection(asyncio.Protocol):
 def _send_all(client: socket.socket, data: bytes, stop: threading.Event) -> None:
     """Write all of `data` to a non-blocking socket, waiting while the client is slow."""
     view = memoryview(data)
-    writable = select.poll()
-    writable.register(client, select.POLLOUT)
+    writable: select.poll | None = None  # only for a client that falls behind
     while view:
         try:
             view = view[client.send(view) :]
         except BlockingIOError:
+            if writable is None:
+                writable = select.poll()
+                writable.register(client, select.POLLOUT)
             while not writable.poll(CLIENT_WAIT_S * 1000):
                 if stop.is_set():
                     return
