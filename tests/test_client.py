@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,9 @@ def spawn_chat(url: str, home: Path, *args: str) -> pexpect.spawn:
         codec_errors="replace",
         dimensions=(50, 140),
         timeout=180,
+        # As a terminal starts it: a suite run in the background (`make test &`) inherits
+        # Ctrl-C ignored, which the client would inherit too.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
