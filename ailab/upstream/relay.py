@@ -7,6 +7,9 @@ that was most of the gateway's CPU per streamed token. Here a chunk costs one pa
 callback, and chunks that arrived together are handed on as one piece. The retry rule is
 proxy.py's: a kept-alive connection that closes before any byte of a response is retried
 once on a fresh connection, since nothing was answered; anything later is an error.
+
+`Exchange.pipe_to` goes one step further for a /v1 stream: a thread reads the rest of the
+body and writes it straight to the client's socket, so a token wakes no event loop.
 """
 
 from __future__ import annotations
@@ -317,7 +320,6 @@ class Upstream:
         self.host = host
         self.port = port
         self._tls = ssl.create_default_context() if tls else None
-        self.tls = tls
         self._prefix = prefix.rstrip("/").encode("ascii")  # a remote's root path, if any
         self._on_unreachable = on_unreachable  # told when a connection cannot be made
         auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
@@ -326,6 +328,10 @@ class Upstream:
             f"Host: {host}:{port}\r\n{auth}Content-Type: application/json\r\n"
         ).encode("latin-1")
         self._idle: list[_Connection] = []
+
+    @property
+    def tls(self) -> bool:
+        return self._tls is not None
 
     @classmethod
     def for_url(cls, url: str, api_key: str | None, on_unreachable: Callable[[], None]) -> Upstream:
