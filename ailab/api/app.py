@@ -21,6 +21,7 @@ import httpx
 import uvicorn
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.telemetry import TelemetryConfig
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
 from starlette.types import Scope
@@ -90,7 +91,10 @@ def create_app(settings: Settings, binary: Path) -> FastAPI:
             if access_log is not None:
                 access_log.stop()
 
-    app = FastAPI(title="AI Lab", version="0.1.0", lifespan=lifespan)
+    # FastAPI's OpenTelemetry is off: the gateway has its own metrics (/metrics), and
+    # left on it looks up the global providers on every request.
+    telemetry: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
+    app = FastAPI(title="AI Lab", version="0.1.0", lifespan=lifespan, telemetry=telemetry)
     app.state.gateway = gateway
     security.install(app, settings)
     if access_log is not None:
@@ -399,6 +403,9 @@ def main() -> None:
             host=settings.host,
             port=settings.port,
             log_level="warning",
+            # Ours is metrics.AccessLog. uvicorn's, though silent at "warning", still
+            # formats its arguments (client address, quoted path) for every response.
+            access_log=False,
             http=serve.HttpProtocol,
             timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         )

@@ -13,12 +13,14 @@ import contextlib
 import json
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
@@ -108,9 +110,32 @@ def _status_for(exc: Exception) -> int | None:
     return None
 
 
+class _PassThroughRoute(APIRoute):
+    """A route that OpenAPI documents as any other, whose requests skip FastAPI's request
+    handling (dependency solving, two exit stacks, exception wrapping): about a fifth of
+    the gateway's CPU per request. Its endpoint takes the Request, returns a Response and
+    answers known failures itself; anything else still meets the app's handlers."""
+
+    def __init__(
+        self, path: str, endpoint: Callable[[Request], Awaitable[Response]], **kwargs: Any
+    ) -> None:
+        super().__init__(path, endpoint, **kwargs)
+
+        async def handle(scope: Scope, receive: Receive, send: Send) -> None:
+            response = await endpoint(Request(scope, receive))
+            await response(scope, receive, send)
+
+        self.app = handle
+
+
 def add_routes(app: FastAPI, gw: Gateway) -> None:
     for route in ROUTES:
-        app.add_api_route(route.path, _endpoint(gw, route), methods=["POST"])
+        app.router.add_api_route(
+            route.path,
+            _endpoint(gw, route),
+            methods=["POST"],
+            route_class_override=_PassThroughRoute,
+        )
 
     @app.get("/v1/models", response_model=OpenAIModelList)
     async def openai_models() -> OpenAIModelList:
@@ -147,7 +172,7 @@ def add_routes(app: FastAPI, gw: Gateway) -> None:
         )
 
 
-def _endpoint(gw: Gateway, route: Route) -> Any:
+def _endpoint(gw: Gateway, route: Route) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         body = await request.body()
         try:
