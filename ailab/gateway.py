@@ -205,7 +205,6 @@ class Gateway:
         engine = self._engines.get((instance.id, adapter))
         if engine is None:
             engine = ChatEngine(
-                instance.http,
                 self.store,
                 instance.manager.base_url,
                 self.settings.max_tool_iterations,

@@ -19,8 +19,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import httpx
-
 from ailab import tools
 from ailab.agent.token_budget import Message, TokenCounter, fit_messages
 from ailab.agent.turn import Event, TurnRecord
@@ -140,7 +138,6 @@ class ModelReply:
 class ChatEngine:
     def __init__(
         self,
-        http: httpx.AsyncClient,
         store: AsyncStore,
         llama_url: str,
         max_iterations: int,
@@ -153,7 +150,6 @@ class ChatEngine:
         streams: relay.Upstream,
         upstream: str = "llama-server",
     ) -> None:
-        self.http = http
         self.relay = streams
         self.upstream = upstream  # how errors name the server: llama-server, or a remote
         # Added to every request when it is sent: a remote upstream's model name, or a LoRA
@@ -175,7 +171,29 @@ class ChatEngine:
         return len(body.get("tokens", []))
 
     async def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        return await proxy.post_json(self.http, f"{self.llama_url}{path}", payload, self.upstream)
+        """POST JSON through the instance's relay client, as streams go (httpx parses in
+        Python), and return the JSON answer; a failure as an UpstreamError."""
+        try:
+            exchange = await self.relay.post(path, json.dumps(payload).encode())
+            try:
+                content = await exchange.read()
+            finally:
+                exchange.release()
+        except relay.RelayError as exc:
+            raise self._relay_failure(exc, "answer") from exc
+        if exchange.status >= 400:
+            raise self._answered_error(exchange.status, content)
+        return json.loads(content)
+
+    def _relay_failure(self, exc: relay.RelayError, what: str) -> proxy.UpstreamError:
+        if isinstance(exc, relay.Unreachable):
+            return proxy.UpstreamError(f"{self.llama_url} is not reachable: {exc}", 503)
+        return proxy.UpstreamError(f"the {what} from {self.llama_url} failed: {exc}", 502)
+
+    def _answered_error(self, status: int, content: bytes) -> proxy.UpstreamError:
+        """llama-server's own error, passed on (its 5xx as a 502: the gateway is fine)."""
+        message = f"{self.upstream}: {proxy.error_text(status, content)}"
+        return proxy.UpstreamError(message, status if status < 500 else 502)
 
     # --- the loop ------------------------------------------------------------------
 
@@ -330,11 +348,7 @@ class ChatEngine:
             exchange = await self.relay.post("/v1/chat/completions", json.dumps(payload).encode())
             try:
                 if exchange.status >= 400:
-                    raise proxy.UpstreamError(
-                        f"{self.upstream}: "
-                        f"{proxy.error_text(exchange.status, await exchange.read())}",
-                        exchange.status if exchange.status < 500 else 502,
-                    )
+                    raise self._answered_error(exchange.status, await exchange.read())
                 async for chunk in _sse_json(exchange.chunks(), self.upstream):
                     for key in ("usage", "timings"):
                         if chunk.get(key):
@@ -348,11 +362,8 @@ class ChatEngine:
                         finish = choice.get("finish_reason") or finish
             finally:
                 exchange.release()
-        except relay.Unreachable as exc:
-            raise proxy.UpstreamError(f"{self.llama_url} is not reachable: {exc}", 503) from exc
         except relay.RelayError as exc:
-            message = f"the stream from {self.llama_url} failed: {exc}"
-            raise proxy.UpstreamError(message, 502) from exc
+            raise self._relay_failure(exc, "stream") from exc
         message: Message = {"role": "assistant", "content": "".join(content) or None}
         if calls:
             message["tool_calls"] = [calls[index] for index in sorted(calls)]
