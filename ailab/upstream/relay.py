@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import queue
 import select
 import socket
 import ssl
@@ -158,7 +159,7 @@ class _Connection(asyncio.Protocol):
     def pipe_body(
         self, upstream: socket.socket, client: socket.socket, stop: threading.Event
     ) -> None:
-        """In a thread of its own: write what the body has left to `client` as HTTP/1.1
+        """In a piping thread: write what the body has left to `client` as HTTP/1.1
         chunks, reading from `upstream` (a blocking duplicate of this connection's socket,
         whose transport is paused), until the response is complete or `stop` is set. The parser
         is this connection's, so the body is framed and ended exactly as on the event loop."""
@@ -263,7 +264,7 @@ class Exchange:
                 outcome = exc
             loop.call_soon_threadsafe(_settle, finished, outcome)
 
-        threading.Thread(target=pipe, name="ailab-pipe", daemon=True).start()
+        _PIPERS.run(pipe)
         try:
             outcome = await asyncio.shield(finished)
         except asyncio.CancelledError:
@@ -296,6 +297,35 @@ class Exchange:
         if self._connection is not None:
             self._upstream._release(self._connection)
             self._connection = None
+
+
+class _Pipers:
+    """The threads that pipe stream bodies, each kept for the next stream when its own
+    ends: a thread started per stream cost a clone and a handshake with the event loop,
+    two more context switches while llama-server reads the prompt. There are as many as
+    streams were ever piped at once; they are daemons, and idle ones wait on a queue."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def run(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            start = self._idle == 0
+            self._idle -= 0 if start else 1
+        if start:
+            threading.Thread(target=self._serve, name="ailab-pipe", daemon=True).start()
+        self._jobs.put(job)
+
+    def _serve(self) -> None:
+        while True:
+            self._jobs.get()()  # a job hands its own outcome over; it never raises
+            with self._lock:
+                self._idle += 1
+
+
+_PIPERS = _Pipers()
 
 
 def _settle(future: asyncio.Future[BaseException | None], outcome: BaseException | None) -> None:
