@@ -313,7 +313,8 @@ class _Pipers:
     def run(self, job: Callable[[], None]) -> None:
         with self._lock:
             start = self._idle == 0
-            self._idle -= 0 if start else 1
+            if not start:
+                self._idle -= 1  # an idle thread will take this job
         if start:
             threading.Thread(target=self._serve, name="ailab-pipe", daemon=True).start()
         self._jobs.put(job)
