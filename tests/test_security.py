@@ -428,7 +428,8 @@ def test_roots_refuse_root_and_home_at_run_time_and_audit_who_asked(
 ) -> None:
     def roots(value: str) -> requests.Response:
         body = {"command": "roots", "value": value}
-        headers = {"Origin": open_gw.url}
+        # The audit names the connection's own address, whatever a client claims.
+        headers = {"Origin": open_gw.url, "X-Forwarded-For": "203.0.113.9"}
         return requests.post(f"{open_gw.url}/command", json=body, headers=headers, timeout=10)
 
     for refused in ("/", open_gw.env["HOME"]):

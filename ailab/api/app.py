@@ -406,6 +406,9 @@ def main() -> None:
             # Ours is metrics.AccessLog. uvicorn's, though silent at "warning", still
             # formats its arguments (client address, quoted path) for every response.
             access_log=False,
+            # uvicorn trusts X-Forwarded-For from 127.0.0.1 by default: any local program
+            # could then name another client in the audit of who changed the tool roots.
+            proxy_headers=False,
             http=serve.HttpProtocol,
             timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
         )
